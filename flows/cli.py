@@ -1,0 +1,102 @@
+"""`buildkit-pipeline`: plan a run without AWS or a cluster, or run the flow (optionally on the local sandbox)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from flows.config import ConfigError
+from flows.source import SourceError
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+
+
+def _components(value: str | None) -> list[str] | None:
+    return [name.strip() for name in value.split(",") if name.strip()] if value else None
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from flows.plan import make_plan
+
+    plan = make_plan(Path(args.config), args.ref, _components(args.components))
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return 0
+    print(f"commit {plan['commit']} ({plan['ref']})")
+    for component in plan["components"]:
+        archive = component["archive"]
+        print(f"- {component['name']}: {archive['files']} files, {archive['bytes']} bytes, sha256 {archive['sha256'][:12]}")
+        print(f"  image {component['image']['repository']}:{', '.join(component['image']['tags'])}")
+        print(f"  job   {component['job']['metadata']['namespace']}/{component['job']['metadata']['name']}")
+        print(f"  helm  {' '.join(component['helm']) if component['helm'] else '(no release)'}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from flows.pipeline import PipelineFailed, build_and_deploy, format_timing
+
+    kwargs = dict(config=str(Path(args.config).resolve()), ref=args.ref, components=_components(args.components),
+                  deploy=not args.no_deploy, kubeconfig=args.kubeconfig)
+    from flows.plan import prepare_source
+
+    config, _ = prepare_source(Path(args.config), args.ref)
+    sandbox = None
+    if args.sandbox:
+        from sandbox.stack import Sandbox
+
+        sandbox = Sandbox().start()
+        kwargs.update(sandbox.prepare(config))
+    try:
+        state = build_and_deploy(**kwargs, return_state=True)
+        if asyncio.iscoroutine(state):
+            state = asyncio.run(state)
+        try:
+            result = state.result()
+        except PipelineFailed as exc:
+            print(f"error: the run failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(format_timing(result))
+        return 0
+    finally:
+        if sandbox:
+            sandbox.stop()
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="buildkit-pipeline", description=__doc__)
+    commands = root.add_subparsers(dest="command", required=True)
+    for name, handler, help_text in (
+        ("plan", _plan, "show what a run would create; needs neither AWS nor a cluster"),
+        ("run", _run, "run the build-and-deploy flow"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.set_defaults(handler=handler)
+        command.add_argument("--config", required=True, help="the pipeline file (YAML)")
+        command.add_argument("--ref", help="branch, tag or commit to build (default: the file's source.ref)")
+        command.add_argument("--components", help="comma-separated component names (default: all)")
+    plan, run = commands.choices["plan"], commands.choices["run"]
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    run.add_argument("--sandbox", action="store_true", help="run against the local sandbox (moto + emulated cluster)")
+    run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    run.add_argument("--no-deploy", action="store_true", help="build and push only")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (SourceError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

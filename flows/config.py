@@ -1,0 +1,219 @@
+"""The pipeline file: what to build, where to push it and how to release it.
+
+Everything here is checked before any remote side effect; every error names the
+key it is about (`components[1].release.chart: no such directory`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_BUILDKIT_IMAGE = "moby/buildkit:v0.31.2"
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+ECR_HOST = re.compile(r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?$")
+
+
+class ConfigError(ValueError):
+    """A pipeline file that cannot be used; each line names the offending key."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _dns_label(value: str) -> str:
+    if not DNS_LABEL.match(value):
+        raise ValueError(f"{value!r} is not a DNS label (lowercase letters, digits and '-', at most 63)")
+    return value
+
+
+class SourceSpec(_Strict):
+    repo: str = Field(description="git URL (https, ssh, file) or a local path, relative to the pipeline file")
+    ref: str = Field(default="main", description="branch, tag or full commit SHA")
+
+
+class AwsSpec(_Strict):
+    region: str
+    bucket: str = Field(min_length=3, max_length=63)
+    prefix: str = "build/"
+    presign_ttl_seconds: int = Field(default=900, ge=60, le=43200)
+
+
+class BuildSpec(_Strict):
+    namespace: str = "build"
+    service_account: str = "buildkit"
+    image: str = DEFAULT_BUILDKIT_IMAGE
+    mode: Literal["privileged", "rootless"] = "privileged"
+    timeout_seconds: int = Field(default=1800, ge=30)
+
+    _namespace = field_validator("namespace", "service_account")(_dns_label)
+
+    @field_validator("image")
+    @classmethod
+    def _pinned(cls, image: str) -> str:
+        name, _, tag = image.rpartition(":")
+        if "@sha256:" in image:
+            return image
+        if not name or "/" in tag or tag in ("", "latest"):
+            raise ValueError(f"{image!r} must be pinned to a version tag or digest, never latest")
+        return image
+
+
+class ReleaseSpec(_Strict):
+    name: str
+    chart: str = Field(description="chart folder, relative to the repo root")
+    namespace: str = "default"
+    values: list[str] = Field(default_factory=list, description="values files, relative to the repo root")
+    set: dict[str, str] = Field(default_factory=dict)
+    after: list[str] = Field(default_factory=list, description="releases that must be deployed first")
+    timeout_seconds: int = Field(default=300, ge=10)
+
+    _names = field_validator("name", "namespace")(_dns_label)
+
+
+class ComponentSpec(_Strict):
+    name: str
+    context: str = Field(description="build context folder, relative to the repo root")
+    dockerfile: str = Field(default="Dockerfile", description="relative to the context")
+    image: str = Field(description="repository under `registry`")
+    release: ReleaseSpec | None = None
+
+    _name = field_validator("name")(_dns_label)
+
+    @field_validator("image")
+    @classmethod
+    def _repository(cls, image: str) -> str:
+        if not re.match(r"^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$", image):
+            raise ValueError(f"{image!r} is not a repository name (lowercase, no tag)")
+        return image
+
+
+class PipelineConfig(_Strict):
+    source: SourceSpec
+    registry: str
+    aws: AwsSpec
+    build: BuildSpec = Field(default_factory=BuildSpec)
+    components: list[ComponentSpec] = Field(min_length=1)
+
+    @field_validator("registry")
+    @classmethod
+    def _registry_host(cls, registry: str) -> str:
+        if not registry or "/" in registry:
+            raise ValueError(f"{registry!r} must be a registry host, like 123456789012.dkr.ecr.us-west-2.amazonaws.com")
+        return registry
+
+    @model_validator(mode="after")
+    def _references(self) -> PipelineConfig:
+        problems = []
+        names = [c.name for c in self.components]
+        releases = {c.release.name: i for i, c in enumerate(self.components) if c.release}
+        for i, component in enumerate(self.components):
+            if names.count(component.name) > 1:
+                problems.append(f"components[{i}].name: {component.name!r} is used by more than one component")
+            for dependency in component.release.after if component.release else []:
+                if dependency not in releases:
+                    problems.append(f"components[{i}].release.after: no release named {dependency!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        if cycle := _release_cycle(self.components):
+            raise ValueError(f"release order has a cycle: {' -> '.join(cycle)}")
+        return self
+
+    def component(self, name: str) -> ComponentSpec:
+        return next(c for c in self.components if c.name == name)
+
+    def image_repository(self, component: ComponentSpec) -> str:
+        return f"{self.registry}/{component.image}"
+
+
+def _release_cycle(components: list[ComponentSpec]) -> list[str] | None:
+    after = {c.release.name: c.release.after for c in components if c.release}
+    state: dict[str, str] = {}
+
+    def visit(name: str, trail: list[str]) -> list[str] | None:
+        if state.get(name) == "open":
+            return trail[trail.index(name):] + [name]
+        if state.get(name) == "done":
+            return None
+        state[name] = "open"
+        for dependency in after.get(name, []):
+            if found := visit(dependency, trail + [name]):
+                return found
+        state[name] = "done"
+        return None
+
+    for name in after:
+        if found := visit(name, []):
+            return found
+    return None
+
+
+def _location(loc: tuple) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _describe(error: dict) -> str:
+    loc = _location(tuple(p for p in error["loc"] if p not in ("function-after", "function-before")))
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{loc}: {message}" if loc else message
+
+
+def parse_config(data: object) -> PipelineConfig:
+    """Validate an already-loaded pipeline document."""
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError([_describe(e) for e in exc.errors()]) from None
+
+
+def load_config(path: Path) -> PipelineConfig:
+    """Read and validate a pipeline file (YAML)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: no such file"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: expected a mapping at the top level"])
+    return parse_config(data)
+
+
+def check_paths(config: PipelineConfig, repo_root: Path) -> None:
+    """Check that every folder and file the pipeline names exists in the checkout."""
+    problems = []
+
+    def inside(relative: str) -> Path | None:
+        candidate = (repo_root / relative).resolve()
+        return candidate if candidate.is_relative_to(repo_root.resolve()) else None
+
+    for i, component in enumerate(config.components):
+        context = inside(component.context)
+        if context is None or not context.is_dir():
+            problems.append(f"components[{i}].context: no such directory {component.context!r}")
+        elif not (context / component.dockerfile).is_file():
+            problems.append(f"components[{i}].dockerfile: no such file {component.dockerfile!r} in {component.context!r}")
+        if release := component.release:
+            chart = inside(release.chart)
+            if chart is None or not (chart / "Chart.yaml").is_file():
+                problems.append(f"components[{i}].release.chart: no such directory {release.chart!r} (with a Chart.yaml)")
+            for j, values in enumerate(release.values):
+                path = inside(values)
+                if path is None or not path.is_file():
+                    problems.append(f"components[{i}].release.values[{j}]: no such file {values!r}")
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,117 @@
+"""What a run would do for each component, computed without AWS or a cluster.
+
+`buildkit-pipeline plan` prints it; the flow builds its Jobs and helm commands
+from the same functions, so the plan is exactly what a run creates.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from flows.build import CONTEXT_URL_PLACEHOLDER, ImageRef, build_job_manifest, buildctl_args, image_ref, job_name
+from flows.config import ComponentSpec, PipelineConfig, check_paths, load_config
+from flows.deploy import DIGEST_PLACEHOLDER, helm_upgrade_argv
+from flows.package import PackagedContext, package_context
+from flows.source import SourceCheckout, checkout, resolve_repo
+
+
+class ComponentPlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    archive: PackagedContext
+    image: ImageRef
+    job: dict
+    secret_name: str
+    helm: list[str] | None
+
+
+def archive_dir() -> Path:
+    root = os.environ.get("BUILDKIT_PIPELINE_CACHE") or Path.home() / ".cache" / "buildkit-pipeline"
+    return Path(root) / "archives"
+
+
+def registry_secret_name(job: str) -> str:
+    return f"{job}-registry"
+
+
+def component_labels(component: str, commit: str, run_id: str) -> dict[str, str]:
+    return {
+        "buildkit-pipeline/component": component,
+        "buildkit-pipeline/commit": commit[:40],
+        "buildkit-pipeline/flow-run": run_id[:63],
+    }
+
+
+def plan_component(
+    config: PipelineConfig,
+    component: ComponentSpec,
+    checkout: SourceCheckout,
+    archive: PackagedContext,
+    *,
+    run_id: str,
+    context_url: str = CONTEXT_URL_PLACEHOLDER,
+) -> ComponentPlan:
+    image = image_ref(config.image_repository(component), checkout.commit, archive.sha256)
+    name = job_name(component.name, archive.sha256, run_id)
+    secret = registry_secret_name(name)
+    job = build_job_manifest(
+        name=name,
+        settings=config.build,
+        args=buildctl_args(context_url, archive, image),
+        secret_name=secret,
+        labels=component_labels(component.name, checkout.commit, run_id),
+    )
+    helm = None
+    if component.release:
+        helm = helm_upgrade_argv(
+            component.release,
+            repo_root=checkout.path,
+            image_repository=image.repository,
+            image_tag=f"{image.tags[0]}@{DIGEST_PLACEHOLDER}",
+        )
+    return ComponentPlan(name=component.name, archive=archive, image=image, job=job, secret_name=secret, helm=helm)
+
+
+def select(config: PipelineConfig, names: list[str] | None) -> list[ComponentSpec]:
+    if not names:
+        return list(config.components)
+    unknown = sorted(set(names) - {c.name for c in config.components})
+    if unknown:
+        raise ValueError(f"components: no component named {', '.join(map(repr, unknown))}")
+    return [c for c in config.components if c.name in names]
+
+
+def prepare_source(config_path: Path, ref: str | None = None) -> tuple[PipelineConfig, SourceCheckout]:
+    config = load_config(config_path)
+    repo = resolve_repo(config.source.repo, Path(config_path).resolve().parent)
+    source = checkout(repo, ref or config.source.ref)
+    check_paths(config, source.path)
+    return config, source
+
+
+def make_plan(config_path: Path, ref: str | None = None, components: list[str] | None = None) -> dict:
+    """The `plan --json` document: commit, and per component its archive, image, Job and helm argv."""
+    config, source = prepare_source(config_path, ref)
+    plans = []
+    for component in select(config, components):
+        context = source.path / component.context
+        archive = package_context(context, context / component.dockerfile, archive_dir())
+        plan = plan_component(config, component, source, archive, run_id="plan")
+        plans.append({
+            "name": plan.name,
+            "archive": {
+                "sha256": archive.sha256,
+                "bytes": archive.bytes,
+                "files": archive.files,
+                "dockerfile": archive.dockerfile,
+                "contextsubdir": archive.contextsubdir,
+            },
+            "image": {"repository": plan.image.repository, "tags": plan.image.tags},
+            "job": plan.job,
+            "helm": plan.helm,
+        })
+    return {"commit": source.commit, "ref": source.ref, "components": plans}

@@ -1,0 +1,73 @@
+"""The stages as Prefect tasks: thin wrappers that add retries for transient faults and timeouts.
+
+Blocking work runs in a thread, and every remote call carries its own deadline,
+because a task's `timeout_seconds` cannot interrupt a blocking call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect_aws import AwsCredentials
+
+from flows import build, deploy, package, registry_auth, source, upload
+from flows.kube import is_transient_api_error
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, BotoConnectionError | asyncio.TimeoutError | ConnectionError):
+        return True
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status >= 500 or status == 429 or exc.response.get("Error", {}).get("Code") == "Throttling"
+    return is_transient_api_error(exc) or isinstance(exc, BotoCoreError) and "timeout" in str(exc).lower()
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Retry only what may pass on its own: network faults, throttling, 5xx."""
+    try:
+        state.result()
+    except Exception as exc:  # noqa: BLE001 - the state's own exception, re-raised by result()
+        return _transient(exc)
+    return False
+
+
+STAGE = dict(cache_policy=NO_CACHE, retry_condition_fn=retry_transient, retry_delay_seconds=[1, 5, 15])
+
+
+@task(name="source", retries=2, timeout_seconds=600, **STAGE)
+async def checkout_source(repo: str, ref: str) -> source.SourceCheckout:
+    return await asyncio.to_thread(source.checkout, repo, ref)
+
+
+@task(name="package", timeout_seconds=900, cache_policy=NO_CACHE)
+async def package_component(context_dir: Path, dockerfile: Path, out_dir: Path) -> package.PackagedContext:
+    return await asyncio.to_thread(package.package_context, context_dir, dockerfile, out_dir)
+
+
+@task(name="upload", retries=3, timeout_seconds=900, **STAGE)
+async def upload_context(archive: package.PackagedContext, credentials: AwsCredentials, *, bucket: str,
+                         prefix: str, component: str, ttl_seconds: int) -> upload.UploadedContext:
+    return await asyncio.to_thread(
+        upload.upload_context, archive, credentials=credentials, bucket=bucket, prefix=prefix,
+        component=component, ttl_seconds=ttl_seconds,
+    )
+
+
+@task(name="registry-auth", retries=3, timeout_seconds=60, **STAGE)
+async def mint_registry_token(credentials: AwsCredentials, registry: str) -> registry_auth.RegistryToken:
+    return await asyncio.to_thread(registry_auth.mint_ecr_token, credentials, registry)
+
+
+@task(name="build", retries=2, **STAGE)
+async def run_build(api, **kwargs) -> build.BuiltImage:
+    return await build.run_build(api, **kwargs)
+
+
+@task(name="deploy", cache_policy=NO_CACHE)
+async def deploy_release(release, **kwargs) -> deploy.DeployedRelease:
+    return await deploy.upgrade_release(release, **kwargs)

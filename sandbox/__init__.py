@@ -1,0 +1,1 @@
+"""The local sandbox that tests and `make demo` run against; see sandbox.stack."""

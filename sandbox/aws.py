@@ -1,0 +1,58 @@
+"""S3, ECR and STS for the sandbox: moto in server mode on 127.0.0.1, spoken to over real HTTP."""
+
+from __future__ import annotations
+
+import boto3
+from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+from prefect_aws import AwsClientParameters, AwsCredentials
+
+from flows.config import PipelineConfig
+
+SANDBOX_KEY = "sandbox-access-key"
+
+
+class AwsSandbox:
+    def __init__(self) -> None:
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.url = ""
+
+    def start(self) -> None:
+        self._server.start()
+        host, port = self._server.get_host_and_port()
+        self.url = f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        self._server.stop()
+
+    def credentials(self, region: str) -> AwsCredentials:
+        return AwsCredentials(
+            aws_access_key_id=SANDBOX_KEY,
+            aws_secret_access_key="sandbox-secret-key",
+            region_name=region,
+            aws_client_parameters=AwsClientParameters(endpoint_url=self.url),
+        )
+
+    def client(self, service: str, region: str):
+        return boto3.client(
+            service,
+            region_name=region,
+            endpoint_url=self.url,
+            aws_access_key_id=SANDBOX_KEY,
+            aws_secret_access_key="sandbox-secret-key",
+        )
+
+    def provision(self, config: PipelineConfig) -> None:
+        """Create what a real account would already have: the context bucket and the ECR repositories."""
+        s3 = self.client("s3", config.aws.region)
+        existing = {b["Name"] for b in s3.list_buckets().get("Buckets", [])}
+        if config.aws.bucket not in existing:
+            location = {} if config.aws.region == "us-east-1" else {
+                "CreateBucketConfiguration": {"LocationConstraint": config.aws.region}
+            }
+            s3.create_bucket(Bucket=config.aws.bucket, **location)
+        ecr = self.client("ecr", config.aws.region)
+        repositories = {r["repositoryName"] for r in ecr.describe_repositories().get("repositories", [])}
+        for component in config.components:
+            if component.image not in repositories:
+                ecr.create_repository(repositoryName=component.image)
+                repositories.add(component.image)

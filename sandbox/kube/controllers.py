@@ -1,0 +1,333 @@
+"""Small Job, ReplicaSet and Deployment controllers.
+
+They are level-triggered like the real ones: every event about a Job, a Deployment,
+a ReplicaSet or a Pod they own puts the owner's key on one work queue, and one
+thread reconciles the owner from the current state. Writes that change nothing are
+no-ops in the store, so reconciling never loops.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+import json
+import logging
+import math
+import queue
+import threading
+from typing import TYPE_CHECKING
+
+from . import defaults, errors
+from .pods import controller_owner, is_ready, is_terminal
+from .store import StoreEvent
+
+if TYPE_CHECKING:
+    from .emulator import KubeEmulator
+
+log = logging.getLogger(__name__)
+
+WorkItem = tuple[str, str, str]  # plural, namespace, name
+REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
+
+
+def _condition(kind: str, reason: str, message: str, status: str = "True") -> dict:
+    now = defaults.now_iso()
+    return {"type": kind, "status": status, "reason": reason, "message": message,
+            "lastProbeTime": now, "lastTransitionTime": now}
+
+
+def _owner_reference(owner: dict) -> dict:
+    return {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": owner["metadata"]["name"],
+            "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def _keep_transition_times(old: list[dict], new: list[dict]) -> list[dict]:
+    """A condition that did not change status keeps its lastTransitionTime, as upstream does."""
+    previous = {c.get("type"): c for c in old}
+    for condition in new:
+        before = previous.get(condition["type"])
+        if before and before.get("status") == condition["status"] and before.get("reason") == condition.get("reason"):
+            condition["lastTransitionTime"] = before.get("lastTransitionTime")
+            condition["lastProbeTime"] = before.get("lastProbeTime")
+            condition["lastUpdateTime"] = before.get("lastUpdateTime", condition.get("lastUpdateTime"))
+            if "lastUpdateTime" not in before:
+                condition.pop("lastUpdateTime", None)
+    return new
+
+
+def template_hash(template: dict) -> str:
+    digest = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).digest()
+    alphabet = defaults.NAME_SUFFIX_ALPHABET
+    return "".join(alphabet[b % len(alphabet)] for b in digest[:10])
+
+
+def resolve_int_or_percent(value: int | str | None, total: int, round_up: bool) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.endswith("%"):
+        exact = total * int(value[:-1]) / 100
+        return math.ceil(exact) if round_up else math.floor(exact)
+    return int(value)
+
+
+class Controllers:
+    def __init__(self, emulator: KubeEmulator):
+        self.emulator = emulator
+        self.store = emulator.store
+        self.work: queue.Queue[WorkItem | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="kube-controllers", daemon=True)
+        self.timers: list[threading.Timer] = []
+
+    def start(self) -> None:
+        self.store.subscribe(self.on_event)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.store.unsubscribe(self.on_event)
+        for timer in self.timers:
+            timer.cancel()
+        self.work.put(None)
+        self.thread.join(timeout=5)
+
+    def on_event(self, event: StoreEvent) -> None:
+        meta = event.obj["metadata"]
+        namespace = meta.get("namespace", "")
+        if event.plural in ("jobs", "deployments", "replicasets") and event.type != "DELETED":
+            self.work.put((event.plural, namespace, meta["name"]))
+        if event.plural in ("pods", "replicasets"):
+            owner = controller_owner(event.obj)
+            if owner and owner.get("kind") in ("Job", "ReplicaSet", "Deployment"):
+                plural = {"Job": "jobs", "ReplicaSet": "replicasets", "Deployment": "deployments"}[owner["kind"]]
+                self.work.put((plural, namespace, owner["name"]))
+        if event.plural == "pods" and event.type == "ADDED":
+            self.emulator._start_pod_behaviour(event.obj)
+
+    def schedule(self, delay: float, item: WorkItem) -> None:
+        timer = threading.Timer(delay, self.work.put, args=(item,))
+        timer.daemon = True
+        self.timers = [t for t in self.timers if t.is_alive()] + [timer]
+        timer.start()
+
+    def _run(self) -> None:
+        while (item := self.work.get()) is not None:
+            plural, namespace, name = item
+            try:
+                {"jobs": self.reconcile_job, "replicasets": self.reconcile_replicaset,
+                 "deployments": self.reconcile_deployment}[plural](namespace, name)
+            except errors.ApiError as exc:
+                if exc.code not in (404, 409):
+                    log.warning("reconciling %s %s/%s failed: %s", plural, namespace, name, exc.message)
+                elif exc.code == 409:
+                    self.work.put(item)
+            except Exception:
+                log.exception("reconciling %s %s/%s crashed", plural, namespace, name)
+
+    # ---------------------------------------------------------------- shared
+
+    def _owned_pods(self, owner: dict) -> list[dict]:
+        pods = self.store.owned_by(owner["metadata"]["uid"], "pods")
+        return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+    def _create_pod(self, owner: dict, template: dict, extra_labels: dict | None = None) -> dict:
+        pod = copy.deepcopy(template)
+        meta = pod.setdefault("metadata", {})
+        meta["labels"] = {**(meta.get("labels") or {}), **(extra_labels or {})}
+        meta["generateName"] = owner["metadata"]["name"] + "-"
+        meta["ownerReferences"] = [_owner_reference(owner)]
+        meta.pop("name", None)
+        return self.store.create("pods", owner["metadata"]["namespace"], pod)
+
+    def _write_status(self, plural: str, obj: dict, status: dict, *, replace: bool = False) -> dict:
+        """Merge `status` into the object's status (or replace it) unless nothing changes."""
+        current_status = obj.get("status") or {}
+        status["conditions"] = _keep_transition_times(current_status.get("conditions") or [],
+                                                      status.get("conditions") or [])
+        if not status["conditions"]:
+            del status["conditions"]
+        merged = status if replace else {**current_status, **status}
+        if merged == current_status:
+            return obj
+        return self.store.update(plural, obj["metadata"].get("namespace"), obj["metadata"]["name"],
+                                 {**obj, "status": merged}, subresource="status")
+
+    def _delete_quietly(self, plural: str, obj: dict) -> None:
+        try:
+            self.store.delete(plural, obj["metadata"].get("namespace"), obj["metadata"]["name"])
+        except errors.ApiError as exc:
+            if exc.code != 404:
+                raise
+
+    # ---------------------------------------------------------------- Job
+
+    def reconcile_job(self, namespace: str, name: str) -> None:
+        job = self.store.find("jobs", namespace, name)
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            return
+        status = job.get("status") or {}
+        if any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+               for c in status.get("conditions") or []):
+            return
+        spec = job.get("spec") or {}
+        pods = self._owned_pods(job)
+        active = [p for p in pods if not is_terminal(p)]
+        succeeded = sum(1 for p in pods if p["status"].get("phase") == "Succeeded")
+        failed = max(sum(1 for p in pods if p["status"].get("phase") == "Failed"), status.get("failed", 0))
+        start_time = status.get("startTime") or defaults.now_iso()
+        conditions = list(status.get("conditions") or [])
+        new_status: dict = {"startTime": start_time, "active": len(active), "ready": sum(map(is_ready, active)),
+                            "terminating": 0, "uncountedTerminatedPods": {}}
+        if succeeded:
+            new_status["succeeded"] = succeeded
+        if failed:
+            new_status["failed"] = failed
+
+        deadline = spec.get("activeDeadlineSeconds")
+        if spec.get("suspend"):
+            pass
+        elif succeeded >= spec.get("completions", 1):
+            message = "Reached expected number of succeeded pods"
+            conditions += [_condition("SuccessCriteriaMet", "CompletionsReached", message),
+                           _condition("Complete", "CompletionsReached", message)]
+            new_status.update(active=0, ready=0, completionTime=defaults.now_iso())
+        elif deadline is not None and self._past(start_time, deadline):
+            self._fail_job(job, active, conditions, new_status, "DeadlineExceeded",
+                           "Job was active longer than specified deadline")
+        elif failed > spec.get("backoffLimit", 6):
+            self._fail_job(job, active, conditions, new_status, "BackoffLimitExceeded",
+                           "Job has reached the specified backoff limit")
+        elif not active:
+            labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+            self._create_pod(job, spec.get("template") or {}, labels)
+            new_status.update(active=1)
+        if deadline is not None and "startTime" not in status:
+            self.schedule(float(deadline) + 0.01, ("jobs", namespace, name))
+        new_status["conditions"] = conditions
+        self._write_status("jobs", job, new_status)
+
+    @staticmethod
+    def _past(start_time: str, seconds: float) -> bool:
+        started = datetime.datetime.fromisoformat(start_time.replace("Z", "+00:00"))
+        return datetime.datetime.now(datetime.UTC) >= started + datetime.timedelta(seconds=seconds)
+
+    def _fail_job(self, job: dict, active: list[dict], conditions: list[dict], new_status: dict,
+                  reason: str, message: str) -> None:
+        for pod in active:
+            self._delete_quietly("pods", pod)
+        conditions += [_condition("FailureTarget", reason, message), _condition("Failed", reason, message)]
+        new_status.update(active=0, ready=0)
+
+    # ---------------------------------------------------------------- ReplicaSet
+
+    def reconcile_replicaset(self, namespace: str, name: str) -> None:
+        rs = self.store.find("replicasets", namespace, name)
+        if rs is None or rs["metadata"].get("deletionTimestamp"):
+            return
+        desired = (rs.get("spec") or {}).get("replicas", 1)
+        pods = [p for p in self._owned_pods(rs) if not is_terminal(p)]
+        template = (rs.get("spec") or {}).get("template") or {}
+        for _ in range(desired - len(pods)):
+            pods.append(self._create_pod(rs, template))
+        if len(pods) > desired:
+            doomed = sorted(pods, key=is_ready)[:len(pods) - desired]
+            for pod in doomed:
+                self._delete_quietly("pods", pod)
+            pods = [p for p in pods if p not in doomed]
+        ready = sum(map(is_ready, pods))
+        self._write_status("replicasets", rs, {
+            "replicas": len(pods), "fullyLabeledReplicas": len(pods), "readyReplicas": ready,
+            "availableReplicas": ready, "observedGeneration": rs["metadata"].get("generation", 1)})
+
+    # ---------------------------------------------------------------- Deployment
+
+    def reconcile_deployment(self, namespace: str, name: str) -> None:
+        deployment = self.store.find("deployments", namespace, name)
+        if deployment is None or deployment["metadata"].get("deletionTimestamp"):
+            return
+        spec = deployment.get("spec") or {}
+        desired = spec.get("replicas", 1)
+        replicasets = self.store.owned_by(deployment["metadata"]["uid"], "replicasets")
+        new_rs = self._sync_new_replicaset(deployment, replicasets)
+        old_rss = [rs for rs in replicasets if rs["metadata"]["uid"] != new_rs["metadata"]["uid"]]
+
+        new_pods = [p for p in self._owned_pods(new_rs) if not is_terminal(p)]
+        new_ready = sum(map(is_ready, new_pods))
+        rollout_done = new_ready >= desired and len(new_pods) == desired
+        if rollout_done:
+            for rs in old_rss:
+                if (rs.get("spec") or {}).get("replicas", 0) != 0:
+                    self.store.mutate("replicasets", namespace, rs["metadata"]["name"], _scaled_to(0))
+        all_pods = new_pods + [p for rs in old_rss for p in self._owned_pods(rs) if not is_terminal(p)]
+        ready = sum(map(is_ready, all_pods))
+        max_unavailable = resolve_int_or_percent(
+            ((spec.get("strategy") or {}).get("rollingUpdate") or {}).get("maxUnavailable", "25%"), desired, False)
+        available = ready >= desired - max_unavailable
+        rs_name = new_rs["metadata"]["name"]
+        progressing = (_condition("Progressing", "NewReplicaSetAvailable",
+                                  f'ReplicaSet "{rs_name}" has successfully progressed.')
+                       if rollout_done else
+                       _condition("Progressing", "ReplicaSetUpdated", f'ReplicaSet "{rs_name}" is progressing.'))
+        availability = (_condition("Available", "MinimumReplicasAvailable", "Deployment has minimum availability.")
+                        if available else
+                        _condition("Available", "MinimumReplicasUnavailable",
+                                   "Deployment does not have minimum availability.", status="False"))
+        for condition in (progressing, availability):
+            condition["lastUpdateTime"] = condition["lastTransitionTime"]
+            condition.pop("lastProbeTime")
+        status = {"observedGeneration": deployment["metadata"].get("generation", 1), "replicas": len(all_pods),
+                  "updatedReplicas": len(new_pods), "readyReplicas": ready, "availableReplicas": ready,
+                  "conditions": [availability, progressing]}
+        if len(all_pods) - ready > 0:
+            status["unavailableReplicas"] = len(all_pods) - ready
+        self._write_status("deployments", deployment, status, replace=True)
+
+    def _sync_new_replicaset(self, deployment: dict, replicasets: list[dict]) -> dict:
+        """Find or create the ReplicaSet of the current template (a rollback finds an old one)
+        and give it the desired replicas and the newest revision number."""
+        spec = deployment.get("spec") or {}
+        template = copy.deepcopy(spec.get("template") or {})
+        pod_hash = template_hash(template)
+        revisions = [int((rs["metadata"].get("annotations") or {}).get(REVISION_ANNOTATION, "0"))
+                     for rs in replicasets]
+        namespace = deployment["metadata"]["namespace"]
+        desired = spec.get("replicas", 1)
+        for rs in replicasets:
+            if (rs["metadata"].get("labels") or {}).get("pod-template-hash") == pod_hash:
+                revision = (rs["metadata"].get("annotations") or {}).get(REVISION_ANNOTATION, "0")
+                if int(revision) < max(revisions):
+                    rs["metadata"].setdefault("annotations", {})[REVISION_ANNOTATION] = str(max(revisions) + 1)
+                rs["spec"]["replicas"] = desired
+                updated = self.store.update("replicasets", namespace, rs["metadata"]["name"], rs)
+                self._annotate_revision(deployment, updated)
+                return updated
+        template.setdefault("metadata", {}).setdefault("labels", {})["pod-template-hash"] = pod_hash
+        selector = copy.deepcopy(spec.get("selector") or {})
+        selector.setdefault("matchLabels", {})["pod-template-hash"] = pod_hash
+        labels = {**(template["metadata"]["labels"])}
+        rs = {"metadata": {"name": f"{deployment['metadata']['name']}-{pod_hash}", "labels": labels,
+                           "annotations": {REVISION_ANNOTATION: str(max(revisions, default=0) + 1),
+                                           "deployment.kubernetes.io/desired-replicas": str(desired)},
+                           "ownerReferences": [_owner_reference(deployment)]},
+              "spec": {"replicas": desired, "selector": selector, "template": template}}
+        created = self.store.create("replicasets", namespace, rs)
+        self._annotate_revision(deployment, created)
+        return created
+
+    def _annotate_revision(self, deployment: dict, rs: dict) -> None:
+        revision = rs["metadata"]["annotations"][REVISION_ANNOTATION]
+        if (deployment["metadata"].get("annotations") or {}).get(REVISION_ANNOTATION) == revision:
+            return
+
+        def annotate(current: dict) -> dict:
+            current["metadata"].setdefault("annotations", {})[REVISION_ANNOTATION] = revision
+            return current
+        updated = self.store.mutate("deployments", deployment["metadata"]["namespace"],
+                                    deployment["metadata"]["name"], annotate)
+        deployment["metadata"] = updated["metadata"]
+
+
+def _scaled_to(replicas: int):
+    def scale(rs: dict) -> dict:
+        rs["spec"]["replicas"] = replicas
+        return rs
+    return scale

@@ -1,0 +1,52 @@
+"""The local sandbox: moto for S3/ECR/STS, a Kubernetes API emulator, and a simulated BuildKit pod.
+
+Everything listens on 127.0.0.1 and lives only as long as the Sandbox object.
+Tests start one per session; `buildkit-pipeline run --sandbox` and `make demo`
+start one per run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from flows.config import PipelineConfig
+from sandbox.aws import AwsSandbox
+from sandbox.buildkit import SimulatedBuildKit
+from sandbox.kube import KubeEmulator
+
+
+class Sandbox:
+    def __init__(self, workdir: Path | None = None) -> None:
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="buildkit-sandbox-")
+        self.workdir = Path(workdir or self._tmp.name)
+        self.aws = AwsSandbox()
+        self.kube = KubeEmulator()
+        self.buildkit = SimulatedBuildKit(self.kube, self.aws)
+        self.kubeconfig = self.workdir / "kubeconfig"
+
+    def start(self) -> Sandbox:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.aws.start()
+        self.kube.start()
+        self.kube.write_kubeconfig(self.kubeconfig)
+        self.buildkit.install()
+        return self
+
+    def stop(self) -> None:
+        self.kube.stop()
+        self.aws.stop()
+        if self._tmp:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> Sandbox:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def prepare(self, config: PipelineConfig) -> dict:
+        """Create the bucket and repositories the pipeline expects; return the flow's connection arguments."""
+        self.aws.provision(config)
+        self.buildkit.region = config.aws.region
+        return {"aws_credentials": self.aws.credentials(config.aws.region), "kubeconfig": str(self.kubeconfig)}

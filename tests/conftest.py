@@ -1,0 +1,64 @@
+"""Session-wide stand-ins: one Prefect test server and one sandbox (moto + Kubernetes emulator) for all tests."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="buildkit-pipeline-tests-"))
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect")
+os.environ["BUILDKIT_PIPELINE_CACHE"] = str(_SESSION_DIR / "cache")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+import pytest  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from flows.config import PipelineConfig, load_config  # noqa: E402
+from sandbox.stack import Sandbox  # noqa: E402
+from sandbox.example import commit_all, create_example_repo  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HELM = REPO_ROOT / ".tools" / "bin" / "helm"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    with Sandbox(_SESSION_DIR / "sandbox") as running:
+        yield running
+
+
+@dataclass
+class ExampleApp:
+    pipeline_file: Path
+    config: PipelineConfig
+    flow_kwargs: dict
+
+    @property
+    def root(self) -> Path:
+        return self.pipeline_file.parent
+
+
+_apps = itertools.count(1)
+
+
+@pytest.fixture
+def example_app(tmp_path, sandbox) -> ExampleApp:
+    """A fresh git repository of the example app, in namespaces of its own, its bucket and repositories provisioned."""
+    pipeline_file = create_example_repo(tmp_path / "weather-app")
+    suffix = f"-t{next(_apps)}"
+    text = pipeline_file.read_text()
+    for namespace in ("build", "mcp-servers", "agents"):
+        text = text.replace(f"namespace: {namespace}", f"namespace: {namespace}{suffix}")
+    pipeline_file.write_text(text)
+    commit_all(pipeline_file.parent, "Namespaces for this test")
+    config = load_config(pipeline_file)
+    return ExampleApp(pipeline_file, config, sandbox.prepare(config))

@@ -1,0 +1,164 @@
+"""The whole flow on the real Prefect test server against the sandbox, checked by what crossed the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import subprocess
+
+import pytest
+
+from flows.cli import main
+from flows.pipeline import PipelineResult, build_and_deploy
+from flows.upload import context_key
+from sandbox.example import commit_all
+from tests.conftest import HELM
+
+MCP, AGENT = "weather-mcp", "weather-agent"
+
+
+def run_flow(pipeline_file, flow_kwargs, **params) -> PipelineResult:
+    state = asyncio.run(build_and_deploy(config=str(pipeline_file), **flow_kwargs, **params, return_state=True))
+    return state.result()
+
+
+def namespace_of(app, component: str) -> str:
+    return app.config.component(component).release.namespace
+
+
+def helm_history(sandbox, release: str, namespace: str) -> list[dict]:
+    out = subprocess.run(
+        [str(HELM), "history", release, "-n", namespace, "-o", "json", "--kubeconfig", str(sandbox.kubeconfig)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return json.loads(out)
+
+
+def deployed_image(sandbox, namespace: str, name: str) -> str:
+    deployment = sandbox.kube.get("deployments", namespace, name)
+    return deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+
+
+def jobs_for(sandbox, app, component: str) -> list[dict]:
+    return [j for j in sandbox.kube.list("jobs", app.config.build.namespace)
+            if j["metadata"]["labels"].get("buildkit-pipeline/component") == component]
+
+
+def test_first_run_builds_pushes_and_deploys_the_exact_image(prefect_server, sandbox, example_app):
+    app = example_app
+    config = app.config
+    result = run_flow(app.pipeline_file, app.flow_kwargs)
+
+    s3 = sandbox.aws.client("s3", config.aws.region)
+    mcp = next(c for c in result.components if c.name == MCP)
+    key = context_key(config.aws.prefix, MCP, mcp.archive_sha256)
+    body = s3.get_object(Bucket=config.aws.bucket, Key=key)["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == mcp.archive_sha256
+
+    [job] = jobs_for(sandbox, app, MCP)
+    assert job["metadata"]["labels"]["buildkit-pipeline/commit"] == result.commit
+    pod_spec = job["spec"]["template"]["spec"]
+    assert "initContainers" not in pod_spec
+    [container] = pod_spec["containers"]
+    assert container["securityContext"]["privileged"] is True
+    assert container["command"] == ["buildctl-daemonless.sh"]
+    context_opt = container["args"][container["args"].index("--opt") + 1]
+    assert context_opt.startswith(f"context={sandbox.aws.url}/{config.aws.bucket}/{key}?")
+    docker_config = next(e["value"] for e in container["env"] if e["name"] == "DOCKER_CONFIG")
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == docker_config)
+    volume = next(v for v in pod_spec["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["items"] == [{"key": ".dockerconfigjson", "path": "config.json"}]
+    conditions = {c["type"]: c["status"] for c in job["status"]["conditions"]}
+    assert conditions["Complete"] == "True"
+    assert sandbox.kube.get("secrets", config.build.namespace, volume["secret"]["secretName"]) is None, "registry Secret outlived its build"
+
+    [built] = [b for b in sandbox.buildkit.builds if b["pod"].startswith(job["metadata"]["name"])]
+    assert built["metadata"]["containerimage.digest"] == mcp.image.digest
+    ecr = sandbox.aws.client("ecr", config.aws.region)
+    pushed = ecr.describe_images(repositoryName="agents-on-eks/weather-mcp",
+                                 imageIds=[{"imageTag": result.commit[:12]}])["imageDetails"][0]
+    assert pushed["imageDigest"] == mcp.image.digest
+
+    repository = f"{config.registry}/agents-on-eks/weather-mcp"
+    history = helm_history(sandbox, MCP, namespace_of(app, MCP))
+    assert [(h["revision"], h["status"]) for h in history] == [(1, "deployed")]
+    assert deployed_image(sandbox, namespace_of(app, MCP), MCP) == f"{repository}:{result.commit[:12]}@{mcp.image.digest}"
+    assert mcp.release.revision == 1
+
+    for component in result.components:
+        assert component.outcome == "deployed"
+        assert set(component.seconds) == {"package", "upload", "registry-auth", "build", "deploy"}
+        assert all(seconds > 0 for seconds in component.seconds.values())
+
+
+def test_agent_deploys_after_its_mcp_server(prefect_server, sandbox, example_app):
+    app = example_app
+    run_flow(app.pipeline_file, app.flow_kwargs)
+    mcp_ns, agent_ns = namespace_of(app, MCP), namespace_of(app, AGENT)
+    deployment_writes = {}
+    for record in sandbox.kube.requests:
+        if record.resource == "deployments" and record.verb in ("create", "patch", "update"):
+            deployment_writes.setdefault(record.namespace, record.time)
+    ready = sandbox.kube.get("deployments", mcp_ns, MCP)
+    assert ready["status"]["readyReplicas"] == 1
+    assert deployment_writes[mcp_ns] < deployment_writes[agent_ns]
+
+
+def test_a_changed_file_gives_a_new_revision_and_digest_an_unchanged_rerun_the_same_archive(
+    prefect_server, sandbox, example_app
+):
+    app = example_app
+    first = run_flow(app.pipeline_file, app.flow_kwargs)
+    again = run_flow(app.pipeline_file, app.flow_kwargs)
+    by_name = lambda result: {c.name: c for c in result.components}  # noqa: E731
+    assert by_name(again)[MCP].archive_sha256 == by_name(first)[MCP].archive_sha256
+    assert by_name(again)[MCP].context_uploaded is False
+
+    server = app.root / "agents/weather/mcp-servers/weather-mcp-server/server.py"
+    server.write_text(server.read_text().replace('"phoenix": "sun"', '"phoenix": "heat"'))
+    commit = commit_all(app.root, "Phoenix is hot")
+    changed = run_flow(app.pipeline_file, app.flow_kwargs)
+
+    assert changed.commit == commit
+    mcp_before, mcp_after = by_name(first)[MCP], by_name(changed)[MCP]
+    assert mcp_after.archive_sha256 != mcp_before.archive_sha256
+    assert mcp_after.image.digest != mcp_before.image.digest
+    assert by_name(changed)[AGENT].archive_sha256 == by_name(first)[AGENT].archive_sha256
+    history = helm_history(sandbox, MCP, namespace_of(app, MCP))
+    assert history[-1]["revision"] == mcp_after.release.revision == 3
+    assert deployed_image(sandbox, namespace_of(app, MCP), MCP).endswith(f"{commit[:12]}@{mcp_after.image.digest}")
+
+
+def _object_count(sandbox, config) -> int:
+    s3 = sandbox.aws.client("s3", config.aws.region)
+    return s3.list_objects_v2(Bucket=config.aws.bucket).get("KeyCount", 0)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda text: text.replace("chart: manifests/helm/mcp, ", ""), "components[0].release.chart: Field required"),
+        (lambda text: text.replace("chart: manifests/helm/mcp", "chart: manifests/helm/nope"),
+         "components[0].release.chart: no such directory"),
+        (lambda text: text.replace("image: moby/buildkit:v0.31.2", "image: moby/buildkit:latest"), "build.image:"),
+        (lambda text: text.replace("after: [weather-mcp]", "after: [weather-mpc]"),
+         "components[1].release.after: no release named 'weather-mpc'"),
+        (lambda text: text.replace("dockerfile: Dockerfile", "dockerfil: Dockerfile"), "components[0].dockerfil: unknown key"),
+    ],
+)
+def test_a_malformed_pipeline_file_exits_2_naming_the_key_and_creates_nothing(
+    prefect_server, sandbox, example_app, capsys, edit, expected
+):
+    pipeline_file, config = example_app.pipeline_file, example_app.config
+    pipeline_file.write_text(edit(pipeline_file.read_text()))
+    commit_all(example_app.root, "Break the pipeline file")
+    objects, jobs, secrets = _object_count(sandbox, config), len(sandbox.kube.list("jobs")), len(sandbox.kube.list("secrets"))
+
+    code = main(["run", "--config", str(pipeline_file), "--kubeconfig", str(sandbox.kubeconfig)])
+
+    assert code == 2
+    assert expected in capsys.readouterr().err
+    assert _object_count(sandbox, config) == objects
+    assert len(sandbox.kube.list("jobs")) == jobs
+    assert len(sandbox.kube.list("secrets")) == secrets
