@@ -119,7 +119,11 @@ def read_dockerignore(context_dir: Path) -> list[str]:
     ignore_file = Path(context_dir) / DOCKERIGNORE
     if not ignore_file.is_file():
         return []
-    lines = (line.strip() for line in ignore_file.read_text("utf-8-sig").splitlines())
+    try:
+        text = ignore_file.read_text("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise PackagingError(f"cannot read {ignore_file}: {error}") from error
+    lines = (line.strip() for line in text.splitlines())
     return [line for line in lines if line and not line.startswith("#")]
 
 
@@ -131,7 +135,7 @@ def context_entries(context_dir: Path, *, skip: str | None = None) -> list[Conte
     """
     included = _included_paths(context_dir, read_dockerignore(context_dir))
     if skip is not None:
-        pass
+        included = _without_subtree(included, skip)
     return [_entry_for(context_dir, relpath) for relpath in sorted(included)]
 
 

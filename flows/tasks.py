@@ -28,12 +28,8 @@ def _transient(exc: BaseException) -> bool:
 
 
 def retry_transient(task, task_run, state) -> bool:
-    """Retry only what may pass on its own: network faults, throttling, 5xx."""
-    try:
-        state.result()
-    except Exception as exc:  # noqa: BLE001 - the state's own exception, re-raised by result()
-        return _transient(exc)
-    return False
+    """Retry only what may pass on its own: network faults, timeouts, throttling, 5xx."""
+    return isinstance(state.data, BaseException) and _transient(state.data)
 
 
 STAGE = dict(cache_policy=NO_CACHE, retry_condition_fn=retry_transient, retry_delay_seconds=[1, 5, 15])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from botocore.exceptions import ClientError
-from prefect_aws import AwsCredentials
+from prefect_aws import AwsCredentials, S3Bucket
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from flows.package import PackagedContext
@@ -56,11 +56,8 @@ def upload_context(
     key = context_key(prefix, component, archive.sha256)
     uploaded = _existing_size(s3, bucket, key) != archive.bytes
     if uploaded:
-        s3.upload_file(
-            Filename=str(archive.path),
-            Bucket=bucket,
-            Key=key,
-            ExtraArgs={"ChecksumAlgorithm": "SHA256", "ContentType": "application/gzip"},
+        S3Bucket(bucket_name=bucket, credentials=credentials).upload_from_path(
+            archive.path, key, ExtraArgs={"ChecksumAlgorithm": "SHA256", "ContentType": "application/gzip"}, _sync=True
         )
     url = s3.generate_presigned_url(
         "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_seconds

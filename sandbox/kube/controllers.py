@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WorkItem = tuple[str, str, str]  # plural, namespace, name
+WorkItem = tuple[str, str, str]  # what to do ("jobs", ..., "pod-created"), namespace, name
 REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
 
 
@@ -47,12 +47,12 @@ def _keep_transition_times(old: list[dict], new: list[dict]) -> list[dict]:
     previous = {c.get("type"): c for c in old}
     for condition in new:
         before = previous.get(condition["type"])
-        if before and before.get("status") == condition["status"] and before.get("reason") == condition.get("reason"):
-            condition["lastTransitionTime"] = before.get("lastTransitionTime")
-            condition["lastProbeTime"] = before.get("lastProbeTime")
-            condition["lastUpdateTime"] = before.get("lastUpdateTime", condition.get("lastUpdateTime"))
-            if "lastUpdateTime" not in before:
-                condition.pop("lastUpdateTime", None)
+        unchanged = before and before.get("status") == condition["status"] \
+            and before.get("reason") == condition.get("reason")
+        if unchanged:
+            for stamp in ("lastTransitionTime", "lastProbeTime", "lastUpdateTime"):
+                if stamp in condition and stamp in before:
+                    condition[stamp] = before[stamp]
     return new
 
 
@@ -101,7 +101,7 @@ class Controllers:
                 plural = {"Job": "jobs", "ReplicaSet": "replicasets", "Deployment": "deployments"}[owner["kind"]]
                 self.work.put((plural, namespace, owner["name"]))
         if event.plural == "pods" and event.type == "ADDED":
-            self.emulator._start_pod_behaviour(event.obj)
+            self.work.put(("pod-created", namespace, meta["name"]))
 
     def schedule(self, delay: float, item: WorkItem) -> None:
         timer = threading.Timer(delay, self.work.put, args=(item,))
@@ -114,7 +114,7 @@ class Controllers:
             plural, namespace, name = item
             try:
                 {"jobs": self.reconcile_job, "replicasets": self.reconcile_replicaset,
-                 "deployments": self.reconcile_deployment}[plural](namespace, name)
+                 "deployments": self.reconcile_deployment, "pod-created": self.start_pod}[plural](namespace, name)
             except errors.ApiError as exc:
                 if exc.code not in (404, 409):
                     log.warning("reconciling %s %s/%s failed: %s", plural, namespace, name, exc.message)
@@ -122,6 +122,13 @@ class Controllers:
                     self.work.put(item)
             except Exception:
                 log.exception("reconciling %s %s/%s crashed", plural, namespace, name)
+
+    def start_pod(self, namespace: str, name: str) -> None:
+        """Play the kubelet: hand a new pod to its behaviour (outside the store lock, so
+        matchers and behaviours may call back into the emulator)."""
+        pod = self.store.find("pods", namespace, name)
+        if pod is not None:
+            self.emulator._start_pod_behaviour(pod)
 
     # ---------------------------------------------------------------- shared
 

@@ -7,7 +7,6 @@ import datetime
 import ipaddress
 import itertools
 import random
-import string
 
 NAME_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 _cluster_ips = (str(ipaddress.IPv4Address("10.96.0.10") + i) for i in itertools.count())

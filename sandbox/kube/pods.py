@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from .emulator import KubeEmulator
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
+NODE_NAME = "sandbox-node"
 
 
 def container_names(pod: dict) -> list[str]:
@@ -76,11 +77,15 @@ class PodHandle:
         containers = (self.pod.get("spec") or {}).get("containers") or []
         return [(c.get("name", ""), c.get("image", "")) for c in containers]
 
-    def _write_status(self, status: dict) -> dict | None:
-        base = {"hostIP": "10.0.0.1", "podIP": "10.244.0.10", "qosClass": "BestEffort"}
+    def _write_status(self, status: dict, *, scheduled: bool = True) -> dict | None:
+        """Write the pod status; a scheduled pod is also bound to the sandbox node."""
+        patch: dict = {"status": {"hostIP": "10.0.0.1", "podIP": "10.244.0.10", "qosClass": "BestEffort",
+                                  **status}}
+        if scheduled:
+            patch["spec"] = {"nodeName": NODE_NAME}
         try:
-            return self.emulator.patch("pods", self.namespace, self.name, {"status": {**base, **status}},
-                                       subresource="status")
+            return self.emulator.patch("pods", self.namespace, self.name, patch,
+                                       subresource=None if scheduled else "status")
         except errors.ApiError as exc:
             if exc.code == 404:
                 return None
@@ -135,7 +140,7 @@ class PodHandle:
 
     def unschedulable(self, message: str) -> dict | None:
         return self._write_status({"phase": "Pending", "conditions": [
-            _condition("PodScheduled", False, "Unschedulable", message)]})
+            _condition("PodScheduled", False, "Unschedulable", message)]}, scheduled=False)
 
 
 @dataclass

@@ -121,7 +121,9 @@ def decode_message(buf: bytes, schema: Schema) -> dict:
         elif isinstance(kind, tuple) and kind[0] == "repeated":
             result.setdefault(name, []).append(_scalar(kind[1], value))
         else:
-            result[name] = _scalar(kind, value)
+            decoded = _scalar(kind, value)
+            if decoded not in ("", 0, False) or isinstance(decoded, dict):
+                result[name] = decoded
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import logging
 import re
 import threading
 import time
@@ -14,12 +15,14 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from aiohttp import web
 
-from . import catalog, errors, patching, protobuf, selectors
+from . import catalog, errors, patching, protobuf, selectors, tables
 from .catalog import ResourceType
 from .pods import container_names, is_terminal
 
 if TYPE_CHECKING:
     from .emulator import KubeEmulator
+
+log = logging.getLogger(__name__)
 
 NAMESPACE_SUBRESOURCES = {"status", "finalize"}
 JSON = "application/json"
@@ -85,10 +88,15 @@ def parse_api_path(path: str) -> Route | None:
     return route
 
 
+def flag(query: dict, name: str) -> bool:
+    """A boolean query parameter, parsed like Go's strconv.ParseBool."""
+    return query.get(name, "") in ("1", "t", "T", "true", "TRUE", "True")
+
+
 def verb_of(method: str, route: Route | None, query: dict) -> str:
     if route is None or route.plural is None:
         return "get"
-    watching = route.watch_prefix or query.get("watch") in ("true", "1")
+    watching = route.watch_prefix or flag(query, "watch")
     if method == "GET":
         return "watch" if watching else ("get" if route.name else "list")
     if method == "DELETE":
@@ -176,6 +184,9 @@ class ApiServer:
                 response = await self.dispatch(request, route, query, record)
             except errors.ApiError as exc:
                 response = error_response(exc)
+            except Exception as exc:
+                log.exception("the emulator failed on %s %s", request.method, request.path_qs)
+                response = error_response(errors.ApiError(500, f"emulator bug: {exc!r}", "InternalError"))
             if fault is not None and not response.prepared:
                 response = error_response(errors.injected(fault.status))
         if not record.status:
@@ -196,15 +207,20 @@ class ApiServer:
         verb = record.verb
         if verb == "watch":
             return await self.serve_watch(request, rt, namespace, route.name, query, record)
+        as_table = tables.wants_table(request.headers.get("Accept", ""))
         if verb == "list":
-            return self.serve_list(rt, namespace, query)
+            return self.serve_list(rt, namespace, query, as_table)
         if route.subresource == "log" and verb == "get":
             return await self.serve_log(request, namespace, route.name, query, record)
         if route.subresource not in (None, "status", "scale"):
             raise errors.ApiError(404, "the server could not find the requested resource", "NotFound")
         if verb == "get":
             obj = self.store.get(rt.plural, namespace, route.name)
-            return json_response(to_scale(obj) if route.subresource == "scale" else obj)
+            if route.subresource == "scale":
+                return json_response(to_scale(obj))
+            if as_table:
+                return json_response(tables.table(rt, [obj], obj["metadata"]["resourceVersion"]))
+            return json_response(obj)
         if verb == "create":
             return self.serve_create(rt, namespace, route, body, query)
         if verb == "update":
@@ -215,7 +231,7 @@ class ApiServer:
             return self.serve_delete(rt, namespace, route.name, body, query)
         if verb == "deletecollection":
             return self.serve_delete_collection(rt, namespace, query)
-        raise errors.ApiError(405, f"the server does not allow this method on the requested resource",
+        raise errors.ApiError(405, "the server does not allow this method on the requested resource",
                               "MethodNotAllowed")
 
     # ---------------------------------------------------------------- discovery
@@ -247,9 +263,11 @@ class ApiServer:
 
     # ---------------------------------------------------------------- reads
 
-    def serve_list(self, rt: ResourceType, namespace: str | None, query: dict) -> web.Response:
+    def serve_list(self, rt: ResourceType, namespace: str | None, query: dict, as_table: bool) -> web.Response:
         matches = object_filter(query)
         items, rv = self.store.list(rt.plural, namespace, matches)
+        if as_table:
+            return json_response(tables.table(rt, items, str(rv)))
         return json_response({"kind": f"{rt.kind}List", "apiVersion": rt.api_version,
                               "metadata": {"resourceVersion": str(rv)}, "items": items})
 
@@ -264,7 +282,7 @@ class ApiServer:
                 loop.call_soon_threadsafe(queue.put_nowait, event)
 
         since = query.get("resourceVersion") or None
-        send_initial = query.get("sendInitialEvents") == "true" or since in (None, "0")
+        send_initial = flag(query, "sendInitialEvents") or since in (None, "0")
         gone: errors.ApiError | None = None
         initial: list[dict] = []
         backlog = []
@@ -279,7 +297,7 @@ class ApiServer:
             except errors.ApiError as exc:
                 gone = exc
             except ValueError:
-                raise errors.bad_request(f"invalid resourceVersion {since!r}")
+                raise errors.bad_request(f"invalid resourceVersion {since!r}") from None
 
         response = web.StreamResponse(status=200, headers={"Content-Type": JSON,
                                                            "Cache-Control": "no-cache, private"})
@@ -293,12 +311,12 @@ class ApiServer:
         try:
             for obj in initial:
                 await response.write(_line({"type": "ADDED", "object": obj}))
-            if query.get("sendInitialEvents") == "true" and query.get("allowWatchBookmarks") == "true":
+            if flag(query, "sendInitialEvents") and flag(query, "allowWatchBookmarks"):
                 await response.write(_line(bookmark(rt, rv, initial_events_end=True)))
             for event in backlog:
                 await self._write_event(response, event, namespace, matches)
             await self._stream_events(response, queue, namespace, matches, query)
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             pass
         finally:
             self.store.unsubscribe(listener)
@@ -315,7 +333,7 @@ class ApiServer:
                 return
             try:
                 event = await asyncio.wait_for(queue.get(), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return
             if event is DROP:
                 return
@@ -339,7 +357,7 @@ class ApiServer:
             raise errors.bad_request(f'container "{container}" in pod "{name}" is waiting to start: '
                                      "ContainerCreating")
         text = render_log(chunks, query)
-        if query.get("follow") != "true":
+        if not flag(query, "follow"):
             return web.Response(text=text, content_type="text/plain")
         response = web.StreamResponse(status=200, headers={"Content-Type": "text/plain"})
         response.enable_chunked_encoding()
@@ -353,13 +371,13 @@ class ApiServer:
                 fresh = logs.chunks(ns, name, container, sent)
                 if fresh:
                     sent += len(fresh)
-                    await response.write(render_log(fresh, {"timestamps": query.get("timestamps")}).encode())
+                    await response.write(render_log(fresh, {"timestamps": query.get("timestamps", "")}).encode())
                 if current is None or is_terminal(current) or container_finished(current, container):
                     if not fresh:
                         break
                     continue
                 await asyncio.sleep(0.05)
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
             pass
         return response
 
@@ -430,7 +448,7 @@ class ApiServer:
                      query: dict) -> web.Response:
         options = body if isinstance(body, dict) else {}
         propagation = query.get("propagationPolicy") or options.get("propagationPolicy")
-        if propagation is None and (options.get("orphanDependents") or query.get("orphanDependents") == "true"):
+        if propagation is None and (options.get("orphanDependents") or flag(query, "orphanDependents")):
             propagation = "Orphan"
         dry_run = is_dry_run(query) or "All" in (options.get("dryRun") or [])
         deleted = self.store.delete(rt.plural, namespace, name, propagation=propagation,
@@ -569,7 +587,7 @@ def render_log(chunks, query: dict) -> str:
     for chunk in chunks:
         stamp = chunk.time.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         for line in chunk.text.splitlines(keepends=True):
-            lines.append(f"{stamp} {line}" if query.get("timestamps") == "true" else line)
+            lines.append(f"{stamp} {line}" if flag(query, "timestamps") else line)
     if query.get("tailLines"):
         lines = lines[-int(query["tailLines"]):] if int(query["tailLines"]) > 0 else []
     text = "".join(lines)
@@ -578,9 +596,10 @@ def render_log(chunks, query: dict) -> str:
     return text
 
 
-def openapi_v3(path: str) -> dict:
-    """A discovery index whose group documents declare no schemas: enough for kubectl
-    to find out the server speaks OpenAPI v3 and supports field validation."""
+def openapi_v3(path: str) -> dict | None:
+    """The OpenAPI v3 index and per-group-version documents without schemas: each resource
+    gets a PATCH operation that declares the `fieldValidation` query parameter, which is
+    what kubectl looks for before it validates manifests server-side."""
     if path.rstrip("/") == "/openapi/v3":
         paths = {"api/v1": {"serverRelativeURL": "/openapi/v3/api/v1?hash=sandbox"}}
         for group, versions in catalog.groups().items():
@@ -588,5 +607,26 @@ def openapi_v3(path: str) -> dict:
                 paths[f"apis/{group}/{version}"] = {
                     "serverRelativeURL": f"/openapi/v3/apis/{group}/{version}?hash=sandbox"}
         return {"paths": paths}
-    return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.35.0"}, "paths": {},
+    parts = path.rstrip("/").split("/")[3:]
+    group, version = ("", parts[1]) if parts[:1] == ["api"] and len(parts) == 2 else (
+        (parts[1], parts[2]) if parts[:1] == ["apis"] and len(parts) == 3 else (None, None))
+    served = [rt for rt in catalog.RESOURCE_TYPES if rt.group == group and rt.version == version]
+    if not served:
+        return None
+    return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.35.0"},
+            "paths": {_item_path(rt): {"patch": _patch_operation(rt)} for rt in served},
             "components": {"schemas": {}}}
+
+
+def _item_path(rt: ResourceType) -> str:
+    prefix = f"/apis/{rt.group}/{rt.version}" if rt.group else "/api/v1"
+    scope = "/namespaces/{namespace}" if rt.namespaced else ""
+    return f"{prefix}{scope}/{rt.plural}/{{name}}"
+
+
+def _patch_operation(rt: ResourceType) -> dict:
+    query_params = ("dryRun", "fieldManager", "fieldValidation", "force")
+    return {"operationId": f"patch{rt.kind}", "x-kubernetes-action": "patch",
+            "x-kubernetes-group-version-kind": {"group": rt.group, "version": rt.version, "kind": rt.kind},
+            "parameters": [{"name": name, "in": "query", "schema": {"type": "string"}} for name in query_params],
+            "responses": {"200": {"description": "OK"}}}

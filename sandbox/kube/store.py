@@ -173,7 +173,8 @@ class ObjectStore:
 
     def update(self, plural: str, namespace: str | None, name: str, new: dict, *,
                subresource: str | None = None, dry_run: bool = False, check_rv: bool = True) -> dict:
-        """PUT semantics: replace the object (or its status); a stale resourceVersion is a 409."""
+        """PUT semantics: replace the object (or only its status with subresource="status",
+        or spec and status at once with "*"); a stale resourceVersion is a 409."""
         rt = resource_type(plural)
         with self.lock:
             current = self._current(rt, namespace, name)
@@ -223,6 +224,8 @@ class ObjectStore:
     def _commit(self, rt: ResourceType, current: dict, new: dict, subresource: str | None, dry_run: bool) -> dict:
         if subresource == "status":
             new = {**copy.deepcopy(current), "status": new.get("status", {})}
+        elif subresource == "*":
+            pass
         elif rt.has_status and "status" in current:
             new["status"] = copy.deepcopy(current["status"])
         elif rt.has_status:
@@ -234,7 +237,7 @@ class ObjectStore:
                 meta[fixed] = old_meta[fixed]
             else:
                 meta.pop(fixed, None)
-        if subresource != "status":
+        if subresource not in ("status", "*"):
             defaults.on_update(rt.plural, new)
         if _without_bookkeeping(new) != _without_bookkeeping(current):
             meta["generation"] = old_meta.get("generation", 1) + 1

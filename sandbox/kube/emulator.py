@@ -1,0 +1,271 @@
+"""KubeEmulator: the in-process Kubernetes API server of the sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import pathlib
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from . import errors, patching, selectors
+from .controllers import Controllers
+from .pods import NODE_NAME, PodHandle, PodLogs, container_names, controller_owner
+from .server import ApiServer, Fault, RequestRecord
+from .store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+PodMatcher = Callable[[dict], bool]
+PodBehaviour = Callable[[PodHandle], None]
+
+
+def _has_labels(wanted: dict) -> Callable[[dict], bool]:
+    return lambda obj: selectors.match_labels({"matchLabels": wanted}, obj["metadata"].get("labels"))
+
+
+class KubeEmulator:
+    """A Kubernetes API server on 127.0.0.1 for kubectl, helm and kubernetes_asyncio.
+
+    It serves from a background thread with its own event loop. Its state is read and
+    written from any thread through the methods below (they return deep copies), and
+    every write emits the watch events and resourceVersion bumps a real server would.
+    Small Job/ReplicaSet/Deployment controllers and a pretend kubelet run the pods:
+    a pod nobody registered a behaviour for runs and exits 0 (bare and Job pods) or
+    becomes Ready after `rollout_delay` (pods of a ReplicaSet).
+    """
+
+    def __init__(self, *, rollout_delay: float = 0.2, pod_start_delay: float = 0.05,
+                 job_pod_duration: float = 0.2):
+        self.rollout_delay = rollout_delay
+        self.pod_start_delay = pod_start_delay
+        self.job_pod_duration = job_pod_duration
+        self.store = ObjectStore()
+        self.logs = PodLogs()
+        self._server = ApiServer(self)
+        self._controllers = Controllers(self)
+        self._behaviours: list[tuple[PodMatcher, PodBehaviour]] = []
+        self._behaviours_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested: asyncio.Event | None = None
+        self._port: int | None = None
+        self._startup_error: BaseException | None = None
+        self._seed_cluster()
+
+    def _seed_cluster(self) -> None:
+        """What every cluster has: the system namespaces and one Ready node."""
+        for namespace in ("default", "kube-system", "kube-public"):
+            self.store.create("namespaces", None, {"metadata": {"name": namespace}})
+        self.store.create("nodes", None, {
+            "metadata": {"name": NODE_NAME, "labels": {"kubernetes.io/hostname": NODE_NAME,
+                                                       "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+                       "capacity": {"cpu": "8", "memory": "32Gi", "pods": "110"},
+                       "allocatable": {"cpu": "8", "memory": "32Gi", "pods": "110"},
+                       "nodeInfo": {"kubeletVersion": "v1.35.0", "operatingSystem": "linux",
+                                    "architecture": "amd64", "containerRuntimeVersion": "containerd://2.1.0"}}})
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> KubeEmulator:
+        if self._thread is not None:
+            raise RuntimeError("the emulator is already started")
+        self._port, self._startup_error, self._server.stopping = None, None, False
+        self._controllers = Controllers(self)
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve_forever, args=(ready,), name="kube-emulator",
+                                        daemon=True)
+        self._thread.start()
+        ready.wait(timeout=30)
+        if self._startup_error is not None or self._port is None:
+            raise RuntimeError("the Kubernetes emulator did not start") from self._startup_error
+        self._controllers.start()
+        return self
+
+    def _serve_forever(self, ready: threading.Event) -> None:
+        try:
+            asyncio.run(self._serve(ready))
+        except BaseException as exc:  # reported to start() through _startup_error
+            self._startup_error = exc
+            ready.set()
+
+    async def _serve(self, ready: threading.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._server.loop = self._loop
+        self._stop_requested = asyncio.Event()
+        # handler_cancellation: a watch whose client went away ends at once, not at its next event.
+        runner = web.AppRunner(self._server.app(), access_log=None, shutdown_timeout=1.0,
+                               handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self._port = runner.addresses[0][1]
+        ready.set()
+        await self._stop_requested.wait()
+        await runner.cleanup()
+
+    def stop(self) -> None:
+        if self._thread is None or self._loop is None or self._stop_requested is None:
+            return
+        self._controllers.stop()
+        self._server.stopping = True
+        self._server.drop_watches()
+        self._loop.call_soon_threadsafe(self._stop_requested.set)
+        self._thread.join(timeout=10)
+        self._thread = None
+
+    def __enter__(self) -> KubeEmulator:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        if self._port is None:
+            raise RuntimeError("the emulator is not started")
+        return f"http://127.0.0.1:{self._port}"
+
+    def write_kubeconfig(self, path: str | os.PathLike) -> pathlib.Path:
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        config = {
+            "apiVersion": "v1", "kind": "Config", "preferences": {},
+            "clusters": [{"name": "sandbox", "cluster": {"server": self.url}}],
+            "users": [{"name": "sandbox", "user": {}}],
+            "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "sandbox",
+                                                         "namespace": "default"}}],
+            "current-context": "sandbox",
+        }
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.chmod(0o600)  # helm warns about group/world-readable kubeconfigs
+        return path
+
+    # ---------------------------------------------------------------- state
+
+    def get(self, resource: str, namespace: str | None, name: str) -> dict | None:
+        return self.store.find(resource, namespace, name)
+
+    def list(self, resource: str, namespace: str | None = None,
+             label_selector: str | dict | None = None) -> list[dict]:
+        if isinstance(label_selector, dict):
+            predicate = _has_labels(label_selector)
+        else:
+            predicate = selectors.label_selector(label_selector)
+        items, _ = self.store.list(resource, namespace, predicate)
+        return items
+
+    def create(self, resource: str, namespace: str | None, obj: dict) -> dict:
+        return self.store.create(resource, namespace, obj)
+
+    def patch(self, resource: str, namespace: str | None, name: str, merge_patch: dict,
+              subresource: str | None = None) -> dict:
+        """A JSON merge patch. Without `subresource`, status changes are kept too
+        (the Python API is the test's back door; HTTP clients get the real rules)."""
+        return self.store.mutate(resource, namespace, name, lambda cur: patching.merge_patch(cur, merge_patch),
+                                 subresource=subresource or "*")
+
+    def delete(self, resource: str, namespace: str | None, name: str, *,
+               propagation_policy: str = "Background") -> dict | None:
+        """Delete (with its dependents); returns the deleted object, None if there was none."""
+        try:
+            deleted = self.store.delete(resource, namespace, name, propagation=propagation_policy)
+        except errors.ApiError as exc:
+            if exc.code == 404:
+                return None
+            raise
+        if resource == "pods":
+            self.logs.forget(deleted["metadata"].get("namespace", ""), name)
+        return deleted
+
+    # ---------------------------------------------------------------- observation and faults
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        with self._server.lock:
+            return list(self._server.records)
+
+    def clear_requests(self) -> None:
+        with self._server.lock:
+            self._server.records.clear()
+
+    def inject_fault(self, method: str, path_regex: str, status: int, times: int = 1, *,
+                     after: bool = False) -> None:
+        """The next `times` requests whose method and path (re.search) match answer `status`.
+
+        With after=True the request is performed first and its response replaced: a
+        response lost on the way back."""
+        with self._server.lock:
+            self._server.faults.append(Fault(method.upper(), re.compile(path_regex), status, times, after))
+
+    def clear_faults(self) -> None:
+        with self._server.lock:
+            self._server.faults.clear()
+
+    def drop_watches(self) -> None:
+        self._server.drop_watches()
+
+    def expire_history(self) -> None:
+        """Every resourceVersion older than the current one now answers 410 Gone to watches."""
+        self.store.expire_history()
+
+    # ---------------------------------------------------------------- pods
+
+    def append_pod_log(self, namespace: str, pod: str, text: str, container: str | None = None) -> None:
+        if container is None:
+            current = self.get("pods", namespace, pod)
+            container = container_names(current)[0] if current else ""
+        self.logs.append(namespace, pod, container, text)
+
+    def on_pod(self, matcher: PodMatcher, behaviour: PodBehaviour) -> None:
+        """Run `behaviour(handle)` in its own thread for each new Pod `matcher` accepts.
+        The most recently registered matching behaviour wins."""
+        with self._behaviours_lock:
+            self._behaviours.append((matcher, behaviour))
+
+    def clear_pod_behaviours(self) -> None:
+        with self._behaviours_lock:
+            self._behaviours.clear()
+
+    def _behaviour_for(self, pod: dict) -> PodBehaviour:
+        with self._behaviours_lock:
+            candidates = list(reversed(self._behaviours))
+        for matcher, behaviour in candidates:
+            try:
+                if matcher(copy.deepcopy(pod)):
+                    return behaviour
+            except Exception:
+                log.exception("pod matcher %r crashed", matcher)
+        return self._default_behaviour
+
+    def _start_pod_behaviour(self, pod: dict) -> None:
+        behaviour = self._behaviour_for(pod)
+        handle = PodHandle(self, copy.deepcopy(pod))
+
+        def run() -> None:
+            try:
+                behaviour(handle)
+            except Exception:
+                log.exception("pod behaviour for %s crashed", handle)
+        threading.Thread(target=run, name=f"pod-{handle.name}", daemon=True).start()
+
+    def _default_behaviour(self, handle: PodHandle) -> None:
+        owner = controller_owner(handle.pod) or {}
+        if owner.get("kind") in ("ReplicaSet", "StatefulSet", "DaemonSet"):
+            time.sleep(self.rollout_delay)
+            handle.running()
+            return
+        time.sleep(self.pod_start_delay)
+        if handle.running() is None:
+            return
+        time.sleep(self.job_pod_duration)
+        handle.terminate(0)
