@@ -1,6 +1,8 @@
 .PHONY: setup test demo bench clean
 
 export PREFECT_HOME ?= $(CURDIR)/.prefect
+# the first start of the local Prefect server migrates its SQLite database, which takes longer than the default 20 s
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 PYTHON := .venv/bin/python
 
 setup:

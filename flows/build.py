@@ -228,23 +228,23 @@ async def wait_for_job(api: client.ApiClient, namespace: str, name: str, resourc
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(f"build Job {namespace}/{name} did not finish in time")
-        stream = watch.Watch()
+            raise BuildFailed(f"build Job {namespace}/{name} did not finish in time")
         try:
-            async for event in stream.stream(
-                batch.list_namespaced_job,
-                namespace,
-                field_selector=f"metadata.name={name}",
-                resource_version=resource_version,
-                timeout_seconds=max(1, min(int(remaining), 300)),
-                _request_timeout=remaining + 5,
-            ):
-                job = as_dict(api, event["object"])
-                resource_version = job["metadata"].get("resourceVersion", resource_version)
-                if event["type"] == "DELETED":
-                    raise BuildFailed(f"build Job {namespace}/{name} was deleted before it finished")
-                if job_outcome(job):
-                    return job
+            async with watch.Watch() as stream:
+                async for event in stream.stream(
+                    batch.list_namespaced_job,
+                    namespace,
+                    field_selector=f"metadata.name={name}",
+                    resource_version=resource_version,
+                    timeout_seconds=max(1, min(int(remaining), 300)),
+                    _request_timeout=remaining + 5,
+                ):
+                    job = as_dict(api, event["object"])
+                    resource_version = job["metadata"].get("resourceVersion", resource_version)
+                    if event["type"] == "DELETED":
+                        raise BuildFailed(f"build Job {namespace}/{name} was deleted before it finished")
+                    if job_outcome(job):
+                        return job
         except ApiException as exc:
             if exc.status != 410:
                 raise
@@ -254,8 +254,6 @@ async def wait_for_job(api: client.ApiClient, namespace: str, name: str, resourc
             resource_version = job["metadata"]["resourceVersion"]
         except (asyncio.TimeoutError, OSError):
             continue
-        finally:
-            stream.stop()
 
 
 async def _pods(api: client.ApiClient, namespace: str, job: str) -> list[dict]:

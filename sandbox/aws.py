@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import boto3
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from prefect_aws import AwsClientParameters, AwsCredentials
@@ -17,6 +19,7 @@ class AwsSandbox:
         self.url = ""
 
     def start(self) -> None:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.url = f"http://{host}:{port}"
