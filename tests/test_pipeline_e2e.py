@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import subprocess
+import uuid
 
 import pytest
 
@@ -105,29 +106,45 @@ def test_agent_deploys_after_its_mcp_server(prefect_server, sandbox, example_app
     assert deployment_writes[mcp_ns] < deployment_writes[agent_ns]
 
 
-def test_a_changed_file_gives_a_new_revision_and_digest_an_unchanged_rerun_the_same_archive(
-    prefect_server, sandbox, example_app
-):
+def by_name(result: PipelineResult) -> dict:
+    return {c.name: c for c in result.components}
+
+
+def test_a_commit_that_changes_one_file_gives_revision_2_and_a_new_digest(prefect_server, sandbox, example_app):
     app = example_app
     first = run_flow(app.pipeline_file, app.flow_kwargs)
-    again = run_flow(app.pipeline_file, app.flow_kwargs)
-    by_name = lambda result: {c.name: c for c in result.components}  # noqa: E731
-    assert by_name(again)[MCP].archive_sha256 == by_name(first)[MCP].archive_sha256
-    assert by_name(again)[MCP].context_uploaded is False
-
     server = app.root / "agents/weather/mcp-servers/weather-mcp-server/server.py"
     server.write_text(server.read_text().replace('"phoenix": "sun"', '"phoenix": "heat"'))
     commit = commit_all(app.root, "Phoenix is hot")
-    changed = run_flow(app.pipeline_file, app.flow_kwargs)
 
-    assert changed.commit == commit
-    mcp_before, mcp_after = by_name(first)[MCP], by_name(changed)[MCP]
-    assert mcp_after.archive_sha256 != mcp_before.archive_sha256
-    assert mcp_after.image.digest != mcp_before.image.digest
-    assert by_name(changed)[AGENT].archive_sha256 == by_name(first)[AGENT].archive_sha256
+    second = run_flow(app.pipeline_file, app.flow_kwargs)
+
+    assert second.commit == commit != first.commit
+    before, after = by_name(first)[MCP], by_name(second)[MCP]
+    assert after.archive_sha256 != before.archive_sha256
+    assert after.image.digest != before.image.digest
+    assert by_name(second)[AGENT].archive_sha256 == by_name(first)[AGENT].archive_sha256
     history = helm_history(sandbox, MCP, namespace_of(app, MCP))
-    assert history[-1]["revision"] == mcp_after.release.revision == 3
-    assert deployed_image(sandbox, namespace_of(app, MCP), MCP).endswith(f"{commit[:12]}@{mcp_after.image.digest}")
+    assert [(h["revision"], h["status"]) for h in history] == [(1, "superseded"), (2, "deployed")]
+    assert after.release.revision == 2
+    assert deployed_image(sandbox, namespace_of(app, MCP), MCP).endswith(f"{commit[:12]}@{after.image.digest}")
+
+
+def test_an_unchanged_rerun_gives_the_same_archive_and_uploads_nothing(prefect_server, sandbox, example_app):
+    app = example_app
+    for context in ("agents/weather/mcp-servers/weather-mcp-server", "agents/weather/agent"):
+        (app.root / context / "BUILD_ID").write_text(f"{uuid.uuid4()}\n")
+    commit_all(app.root, "Contexts no other test has uploaded")
+    first = run_flow(app.pipeline_file, app.flow_kwargs)
+    again = run_flow(app.pipeline_file, app.flow_kwargs)
+    for name in (MCP, AGENT):
+        assert by_name(again)[name].archive_sha256 == by_name(first)[name].archive_sha256
+        assert by_name(first)[name].context_uploaded is True
+        assert by_name(again)[name].context_uploaded is False
+    s3 = sandbox.aws.client("s3", app.config.aws.region)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=app.config.aws.bucket)["Contents"]]
+    for name in (MCP, AGENT):
+        assert keys.count(context_key(app.config.aws.prefix, name, by_name(first)[name].archive_sha256)) == 1
 
 
 def _object_count(sandbox, config) -> int:
