@@ -59,8 +59,10 @@ class BuiltImage(BaseModel):
         return f"{self.tags[0]}@{self.digest}"
 
 
-def image_ref(repository: str, commit: str, context_sha256: str) -> ImageRef:
-    return ImageRef(repository=repository, tags=[commit[:12], f"ctx-{context_sha256[:12]}"])
+def image_ref(repository: str, commit: str, context_sha256: str, *, dirty: bool = False) -> ImageRef:
+    """`<commit12>` (`-dirty` for an uncommitted working tree) and `ctx-<context sha256 12>`."""
+    revision = f"{commit[:12]}-dirty" if dirty else commit[:12]
+    return ImageRef(repository=repository, tags=[revision, f"ctx-{context_sha256[:12]}"])
 
 
 def job_name(component: str, context_sha256: str, run_id: str) -> str:
@@ -68,14 +70,18 @@ def job_name(component: str, context_sha256: str, run_id: str) -> str:
     return f"bk-{component[: 63 - 3 - len(suffix)].rstrip('-')}{suffix}"
 
 
-def buildctl_args(context_url: str, archive: PackagedContext, image: ImageRef) -> list[str]:
+def buildctl_args(
+    context_url: str, archive: PackagedContext, image: ImageRef, labels: dict[str, str] | None = None
+) -> list[str]:
     names = ",".join(image.names)
+    label_opts = [arg for key, value in (labels or {}).items() for arg in ("--opt", f"label:{key}={value}")]
     return [
         "build",
         "--frontend=dockerfile.v0",
         "--opt", f"context={context_url}",
         "--opt", f"filename={archive.dockerfile}",
         "--opt", f"contextsubdir={archive.contextsubdir}",
+        *label_opts,
         "--output", f'type=image,"name={names}",push=true',
         "--metadata-file", TERMINATION_MESSAGE_PATH,
         "--progress=plain",

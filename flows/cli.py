@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from flows.config import ConfigError
+from flows.package import PackagingError
 from flows.source import SourceError
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
@@ -21,11 +22,11 @@ def _components(value: str | None) -> list[str] | None:
 def _plan(args: argparse.Namespace) -> int:
     from flows.plan import make_plan
 
-    plan = make_plan(Path(args.config), args.ref, _components(args.components))
+    plan = make_plan(Path(args.config), args.ref, _components(args.components), list_files=args.list_files)
     if args.json:
         print(json.dumps(plan, indent=2))
         return 0
-    print(f"commit {plan['commit']} ({plan['ref']})")
+    print(f"commit {plan['commit']} ({plan['ref']}{', with uncommitted changes' if plan['source']['dirty'] else ''})")
     for component in plan["components"]:
         archive = component["archive"]
         print(f"- {component['name']}: {archive['files']} files, {archive['bytes']} bytes, sha256 {archive['sha256'][:12]}")
@@ -79,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--components", help="comma-separated component names (default: all)")
     plan, run = commands.choices["plan"], commands.choices["run"]
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--list-files", action="store_true", help="with --json: list every path in each archive")
     run.add_argument("--sandbox", action="store_true", help="run against the local sandbox (moto + emulated cluster)")
     run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     run.add_argument("--no-deploy", action="store_true", help="build and push only")

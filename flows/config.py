@@ -54,6 +54,7 @@ class BuildSpec(_Strict):
     image: str = DEFAULT_BUILDKIT_IMAGE
     mode: Literal["privileged", "rootless"] = "privileged"
     timeout_seconds: int = Field(default=1800, ge=30)
+    max_context_bytes: int = Field(default=1 << 30, ge=1, description="largest context archive to upload")
 
     _namespace = field_validator("namespace", "service_account")(_dns_label)
 

@@ -21,10 +21,11 @@ from pydantic import BaseModel
 
 from flows import tasks
 from flows.build import BuiltImage
-from flows.config import ComponentSpec, PipelineConfig
+from flows.config import ComponentSpec, ConfigError, PipelineConfig
 from flows.deploy import DeployedRelease
 from flows.kube import kube_api
-from flows.plan import archive_dir, plan_component, prepare_source, select
+from flows.package import PackagedContext
+from flows.plan import plan_component, prepare_source, select
 from flows.source import SourceCheckout
 
 STAGES = ("package", "upload", "registry-auth", "build", "deploy")
@@ -74,20 +75,42 @@ async def _aws_credentials(given: AwsCredentials | None, config: PipelineConfig)
         return AwsCredentials(region_name=config.aws.region)
 
 
+async def package_all(
+    config: PipelineConfig, selected: list[ComponentSpec], source: SourceCheckout, results: dict[str, ComponentResult]
+) -> dict[str, PackagedContext]:
+    """Package every selected component before anything remote happens.
+
+    A context that cannot be packaged (an escaping symlink, a special file, an
+    oversize archive) stops the run with nothing uploaded and no Job created.
+    """
+
+    async def package(component: ComponentSpec) -> PackagedContext:
+        with timed(results[component.name].seconds, "package"):
+            archive = await tasks.package_component(config, component, source)
+        results[component.name].archive_sha256 = archive.sha256
+        return archive
+
+    archives = await asyncio.gather(*(package(c) for c in selected), return_exceptions=True)
+    problems = [
+        f"components[{config.components.index(c)}].context: {archive}"
+        for c, archive in zip(selected, archives) if isinstance(archive, Exception)
+    ]
+    if problems:
+        raise ConfigError(problems)
+    return {c.name: archive for c, archive in zip(selected, archives)}
+
+
 async def build_component(
     config: PipelineConfig,
     component: ComponentSpec,
     source: SourceCheckout,
+    archive: PackagedContext,
     *,
     credentials: AwsCredentials,
     api,
     result: ComponentResult,
 ) -> None:
-    """package → upload → registry auth → build, for one component."""
-    context = source.path / component.context
-    with timed(result.seconds, "package"):
-        archive = await tasks.package_component(context, context / component.dockerfile, archive_dir())
-    result.archive_sha256 = archive.sha256
+    """upload → registry auth → build, for one packaged component."""
     with timed(result.seconds, "upload"):
         uploaded = await tasks.upload_context(
             archive, credentials, bucket=config.aws.bucket, prefix=config.aws.prefix,
@@ -165,15 +188,17 @@ async def build_and_deploy(
     started = time.perf_counter()
     pipeline, source = await asyncio.to_thread(prepare_source, Path(config), ref)
     selected = select(pipeline, components)
-    credentials = await _aws_credentials(aws_credentials, pipeline)
     results = {c.name: ComponentResult(name=c.name) for c in selected}
+    archives = await package_all(pipeline, selected, source, results)
+    credentials = await _aws_credentials(aws_credentials, pipeline)
     finished = {c.name: asyncio.Event() for c in selected}
     owner = {c.release.name: c.name for c in selected if c.release}
 
     async def run_component(component: ComponentSpec) -> None:
         result = results[component.name]
         try:
-            await build_component(pipeline, component, source, credentials=credentials, api=api, result=result)
+            await build_component(pipeline, component, source, archives[component.name],
+                                  credentials=credentials, api=api, result=result)
             if deploy and component.release:
                 dependencies = [owner[name] for name in component.release.after if name in owner]
                 for name in dependencies:

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict
 from flows.build import CONTEXT_URL_PLACEHOLDER, ImageRef, build_job_manifest, buildctl_args, image_ref, job_name
 from flows.config import ComponentSpec, PipelineConfig, check_paths, load_config
 from flows.deploy import DIGEST_PLACEHOLDER, helm_upgrade_argv
-from flows.package import PackagedContext, package_context
-from flows.source import SourceCheckout, checkout, resolve_repo
+from flows.package import PackagedContext, archive_paths, package_context
+from flows.source import SourceCheckout, checkout, public_url, resolve_repo
 
 
 class ComponentPlan(BaseModel):
@@ -38,11 +38,23 @@ def registry_secret_name(job: str) -> str:
     return f"{job}-registry"
 
 
-def component_labels(component: str, commit: str, run_id: str) -> dict[str, str]:
+def component_labels(component: str, source: SourceCheckout, run_id: str) -> dict[str, str]:
+    """Kubernetes labels of the build Job and its Pod."""
     return {
         "buildkit-pipeline/component": component,
-        "buildkit-pipeline/commit": commit[:40],
+        "buildkit-pipeline/commit": source.commit,
+        "buildkit-pipeline/dirty": str(source.dirty).lower(),
         "buildkit-pipeline/flow-run": run_id[:63],
+    }
+
+
+def image_labels(source: SourceCheckout, archive: PackagedContext) -> dict[str, str]:
+    """OCI labels on the built image: where it came from, and whether that was an uncommitted tree."""
+    return {
+        "org.opencontainers.image.revision": source.commit,
+        "org.opencontainers.image.source": public_url(source.repo),
+        "dev.buildkit-pipeline.context-sha256": archive.sha256,
+        "dev.buildkit-pipeline.dirty": str(source.dirty).lower(),
     }
 
 
@@ -55,15 +67,15 @@ def plan_component(
     run_id: str,
     context_url: str = CONTEXT_URL_PLACEHOLDER,
 ) -> ComponentPlan:
-    image = image_ref(config.image_repository(component), checkout.commit, archive.sha256)
+    image = image_ref(config.image_repository(component), checkout.commit, archive.sha256, dirty=checkout.dirty)
     name = job_name(component.name, archive.sha256, run_id)
     secret = registry_secret_name(name)
     job = build_job_manifest(
         name=name,
         settings=config.build,
-        args=buildctl_args(context_url, archive, image),
+        args=buildctl_args(context_url, archive, image, image_labels(checkout, archive)),
         secret_name=secret,
-        labels=component_labels(component.name, checkout.commit, run_id),
+        labels=component_labels(component.name, checkout, run_id),
     )
     helm = None
     if component.release:
@@ -93,13 +105,21 @@ def prepare_source(config_path: Path, ref: str | None = None) -> tuple[PipelineC
     return config, source
 
 
-def make_plan(config_path: Path, ref: str | None = None, components: list[str] | None = None) -> dict:
-    """The `plan --json` document: commit, and per component its archive, image, Job and helm argv."""
+def package_component(config: PipelineConfig, component: ComponentSpec, source: SourceCheckout) -> PackagedContext:
+    context = source.path / component.context
+    return package_context(
+        context, context / component.dockerfile, archive_dir(), max_bytes=config.build.max_context_bytes
+    )
+
+
+def make_plan(
+    config_path: Path, ref: str | None = None, components: list[str] | None = None, *, list_files: bool = False
+) -> dict:
+    """The `plan --json` document: the source, and per component its archive, image, Job and helm argv."""
     config, source = prepare_source(config_path, ref)
     plans = []
     for component in select(config, components):
-        context = source.path / component.context
-        archive = package_context(context, context / component.dockerfile, archive_dir())
+        archive = package_component(config, component, source)
         plan = plan_component(config, component, source, archive, run_id="plan")
         plans.append({
             "name": plan.name,
@@ -109,9 +129,15 @@ def make_plan(config_path: Path, ref: str | None = None, components: list[str] |
                 "files": archive.files,
                 "dockerfile": archive.dockerfile,
                 "contextsubdir": archive.contextsubdir,
+                **({"paths": archive_paths(archive.path)} if list_files else {}),
             },
             "image": {"repository": plan.image.repository, "tags": plan.image.tags},
             "job": plan.job,
             "helm": plan.helm,
         })
-    return {"commit": source.commit, "ref": source.ref, "components": plans}
+    return {
+        "commit": source.commit,
+        "ref": source.ref,
+        "source": {"repo": public_url(source.repo), "ref": source.ref, "commit": source.commit, "dirty": source.dirty},
+        "components": plans,
+    }

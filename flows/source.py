@@ -13,6 +13,7 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import git
 from pydantic import BaseModel, ConfigDict
@@ -58,7 +59,12 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _fetch(repository: git.Repo, ref: str) -> str:
+def _git_error(exc: git.GitCommandError, repo: str) -> str:
+    message = str(exc.stderr or exc).strip().removeprefix("stderr:").strip().strip("'").strip()
+    return message.replace(repo, public_url(repo))
+
+
+def _fetch(repository: git.Repo, repo: str, ref: str) -> str:
     """Fetch just what `ref` needs and return its commit SHA."""
     if FULL_SHA.match(ref):
         try:
@@ -70,18 +76,50 @@ def _fetch(repository: git.Repo, ref: str) -> str:
         repository.git.fetch("--depth=1", "--no-tags", "origin", ref)
     except git.GitCommandError as exc:
         if not FULL_SHA.match(ref):
-            raise SourceError(f"cannot fetch ref {ref!r}: {exc.stderr.strip()}") from None
+            raise SourceError(f"cannot fetch ref {ref!r} from {public_url(repo)}: {_git_error(exc, repo)}") from None
         try:
             repository.git.fetch("--no-tags", "origin")
             repository.commit(ref)
             return ref
-        except (git.GitCommandError, ValueError) as retry:
-            raise SourceError(f"commit {ref} is not in the repository: {retry}") from None
+        except (git.GitCommandError, ValueError):
+            raise SourceError(f"commit {ref} is not in {public_url(repo)}") from None
     return repository.git.rev_parse("FETCH_HEAD^{commit}")
+
+
+def public_url(repo: str) -> str:
+    """The repository URL without any user or token, fit for labels and logs."""
+    parts = urlsplit(repo)
+    if parts.scheme in ("http", "https", "ssh") and parts.password:
+        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    return repo
+
+
+def _dirty_worktree(repo: str, ref: str) -> SourceCheckout | None:
+    """A local working tree with uncommitted changes, when `ref` is what it has checked out.
+
+    Building it as it is lets a developer try a change before committing it; the
+    result is marked dirty (in the plan, the image tag and the image labels).
+    A clean tree is cloned like any other repository.
+    """
+    if not repo.startswith("file://"):
+        return None
+    try:
+        local = git.Repo(Path(unquote(urlsplit(repo).path)))
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError):
+        return None
+    if local.bare or not local.is_dirty(untracked_files=True):
+        return None
+    head = local.head.commit.hexsha
+    branch = None if local.head.is_detached else local.active_branch.name
+    if ref not in (branch, head, "HEAD"):
+        return None
+    return SourceCheckout(repo=repo, ref=ref, commit=head, path=Path(local.working_tree_dir), dirty=True)
 
 
 def checkout(repo: str, ref: str, cache_dir: Path | None = None) -> SourceCheckout:
     """Check out `ref` of `repo` (a URL, see resolve_repo) into the cache; return the exact commit."""
+    if dirty := _dirty_worktree(repo, ref):
+        return dirty
     cache_dir = cache_dir or default_cache_dir()
     key = hashlib.sha256(repo.encode()).hexdigest()[:16]
     clone_dir = cache_dir / key / "repo"
@@ -91,7 +129,7 @@ def checkout(repo: str, ref: str, cache_dir: Path | None = None) -> SourceChecko
         else:
             repository = git.Repo.init(clone_dir)
             repository.create_remote("origin", repo)
-        commit = _fetch(repository, ref)
+        commit = _fetch(repository, repo, ref)
         tree = cache_dir / key / "trees" / commit
         if not tree.exists():
             repository.git.worktree("prune")

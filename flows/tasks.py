@@ -7,14 +7,12 @@ because a task's `timeout_seconds` cannot interrupt a blocking call.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
-
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect_aws import AwsCredentials
 
-from flows import build, deploy, package, registry_auth, source, upload
+from flows import build, deploy, package, plan, registry_auth, source, upload
 from flows.kube import is_transient_api_error
 
 
@@ -41,8 +39,8 @@ async def checkout_source(repo: str, ref: str) -> source.SourceCheckout:
 
 
 @task(name="package", timeout_seconds=900, cache_policy=NO_CACHE)
-async def package_component(context_dir: Path, dockerfile: Path, out_dir: Path) -> package.PackagedContext:
-    return await asyncio.to_thread(package.package_context, context_dir, dockerfile, out_dir)
+async def package_component(config, component, checkout: source.SourceCheckout) -> package.PackagedContext:
+    return await asyncio.to_thread(plan.package_component, config, component, checkout)
 
 
 @task(name="upload", retries=3, timeout_seconds=900, **STAGE)

@@ -52,12 +52,13 @@ _apps = itertools.count(1)
 
 @pytest.fixture
 def example_app(tmp_path, sandbox) -> ExampleApp:
-    """A fresh git repository of the example app, in namespaces of its own, its bucket and repositories provisioned."""
+    """A fresh git repository of the example app, with namespaces and a bucket of its own, provisioned."""
     pipeline_file = create_example_repo(tmp_path / "weather-app")
     suffix = f"-t{next(_apps)}"
     text = pipeline_file.read_text()
     for namespace in ("build", "mcp-servers", "agents"):
         text = text.replace(f"namespace: {namespace}", f"namespace: {namespace}{suffix}")
+    text = text.replace("bucket: weather-build-contexts", f"bucket: weather-build-contexts{suffix}")
     pipeline_file.write_text(text)
     commit_all(pipeline_file.parent, "Namespaces for this test")
     config = load_config(pipeline_file)

@@ -6,9 +6,11 @@ import asyncio
 import hashlib
 import json
 import subprocess
-import uuid
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import State
 
 from flows.cli import main
 from flows.pipeline import PipelineResult, build_and_deploy
@@ -19,9 +21,22 @@ from tests.conftest import HELM
 MCP, AGENT = "weather-mcp", "weather-agent"
 
 
+def run_flow_state(pipeline_file, flow_kwargs, **params) -> State:
+    return asyncio.run(build_and_deploy(config=str(pipeline_file), **flow_kwargs, **params, return_state=True))
+
+
 def run_flow(pipeline_file, flow_kwargs, **params) -> PipelineResult:
-    state = asyncio.run(build_and_deploy(config=str(pipeline_file), **flow_kwargs, **params, return_state=True))
-    return state.result()
+    return run_flow_state(pipeline_file, flow_kwargs, **params).result()
+
+
+def timing_artifact(flow_run_id) -> list[dict]:
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["build-and-deploy-timing"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+        )
+    [artifact] = artifacts
+    return json.loads(artifact.data)
 
 
 def namespace_of(app, component: str) -> str:
@@ -49,7 +64,8 @@ def jobs_for(sandbox, app, component: str) -> list[dict]:
 def test_first_run_builds_pushes_and_deploys_the_exact_image(prefect_server, sandbox, example_app):
     app = example_app
     config = app.config
-    result = run_flow(app.pipeline_file, app.flow_kwargs)
+    state = run_flow_state(app.pipeline_file, app.flow_kwargs)
+    result = state.result()
 
     s3 = sandbox.aws.client("s3", config.aws.region)
     mcp = next(c for c in result.components if c.name == MCP)
@@ -91,6 +107,9 @@ def test_first_run_builds_pushes_and_deploys_the_exact_image(prefect_server, san
         assert component.outcome == "deployed"
         assert set(component.seconds) == {"package", "upload", "registry-auth", "build", "deploy"}
         assert all(seconds > 0 for seconds in component.seconds.values())
+    rows = {row["component"]: row for row in timing_artifact(state.state_details.flow_run_id)}
+    assert set(rows) == {MCP, AGENT}
+    assert rows[MCP]["digest"] == mcp.image.digest and rows[MCP]["build"] == mcp.seconds["build"]
 
 
 def test_agent_deploys_after_its_mcp_server(prefect_server, sandbox, example_app):
@@ -124,6 +143,8 @@ def test_a_commit_that_changes_one_file_gives_revision_2_and_a_new_digest(prefec
     assert after.archive_sha256 != before.archive_sha256
     assert after.image.digest != before.image.digest
     assert by_name(second)[AGENT].archive_sha256 == by_name(first)[AGENT].archive_sha256
+    assert (before.context_uploaded, after.context_uploaded) == (True, True)
+    assert _object_count(sandbox, app.config) == 3, "the unchanged agent context is stored once"
     history = helm_history(sandbox, MCP, namespace_of(app, MCP))
     assert [(h["revision"], h["status"]) for h in history] == [(1, "superseded"), (2, "deployed")]
     assert after.release.revision == 2
@@ -132,9 +153,6 @@ def test_a_commit_that_changes_one_file_gives_revision_2_and_a_new_digest(prefec
 
 def test_an_unchanged_rerun_gives_the_same_archive_and_uploads_nothing(prefect_server, sandbox, example_app):
     app = example_app
-    for context in ("agents/weather/mcp-servers/weather-mcp-server", "agents/weather/agent"):
-        (app.root / context / "BUILD_ID").write_text(f"{uuid.uuid4()}\n")
-    commit_all(app.root, "Contexts no other test has uploaded")
     first = run_flow(app.pipeline_file, app.flow_kwargs)
     again = run_flow(app.pipeline_file, app.flow_kwargs)
     for name in (MCP, AGENT):
@@ -142,9 +160,8 @@ def test_an_unchanged_rerun_gives_the_same_archive_and_uploads_nothing(prefect_s
         assert by_name(first)[name].context_uploaded is True
         assert by_name(again)[name].context_uploaded is False
     s3 = sandbox.aws.client("s3", app.config.aws.region)
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=app.config.aws.bucket)["Contents"]]
-    for name in (MCP, AGENT):
-        assert keys.count(context_key(app.config.aws.prefix, name, by_name(first)[name].archive_sha256)) == 1
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=app.config.aws.bucket)["Contents"])
+    assert keys == sorted(context_key(app.config.aws.prefix, n, by_name(first)[n].archive_sha256) for n in (MCP, AGENT))
 
 
 def _object_count(sandbox, config) -> int:
