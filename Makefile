@@ -14,5 +14,8 @@ test: setup
 demo: setup
 	$(PYTHON) -m sandbox.demo
 
+bench: setup
+	$(PYTHON) -m bench.package_bench
+
 clean:
 	rm -rf .venv .tools .prefect .pytest_cache

@@ -301,6 +301,8 @@ def report(tree_info: dict, speed: dict, excluded: dict, excluded_bytes: int) ->
         "excluded_folder_mb": f"{excluded_bytes / 1e6:.1f}",
         "package_without_folder_s": f"{_median(excluded['without'], 's'):.2f}",
         "package_with_folder_s": f"{_median(excluded['with'], 's'):.2f}",
+        "package_without_folder_s_all": " ".join(f"{r['s']:.2f}" for r in excluded["without"]),
+        "package_with_folder_s_all": " ".join(f"{r['s']:.2f}" for r in excluded["with"]),
         "excluded_folder_ratio": f"{_median(excluded['with'], 's') / _median(excluded['without'], 's'):.2f}",
         "excluded_folder_paths_touched": traced.get("touched_count", "n/a (run failed)"),
         "excluded_folder_walked": walked,

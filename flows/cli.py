@@ -40,7 +40,8 @@ def _run(args: argparse.Namespace) -> int:
     from flows.pipeline import PipelineFailed, build_and_deploy, format_timing
 
     kwargs = dict(config=str(Path(args.config).resolve()), ref=args.ref, components=_components(args.components),
-                  deploy=not args.no_deploy, kubeconfig=args.kubeconfig)
+                  deploy=not args.no_deploy, skip_unchanged=args.skip_unchanged, no_cache=args.no_cache,
+                  kubeconfig=args.kubeconfig)
     from flows.plan import prepare_source
 
     config, _ = prepare_source(Path(args.config), args.ref)
@@ -66,6 +67,12 @@ def _run(args: argparse.Namespace) -> int:
             sandbox.stop()
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    from flows.diagnose import diagnose_file
+
+    return diagnose_file(Path(args.logfile))
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="buildkit-pipeline", description=__doc__)
     commands = root.add_subparsers(dest="command", required=True)
@@ -84,6 +91,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--sandbox", action="store_true", help="run against the local sandbox (moto + emulated cluster)")
     run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
     run.add_argument("--no-deploy", action="store_true", help="build and push only")
+    run.add_argument("--skip-unchanged", action="store_true",
+                     help="reuse the image of a context that was built before instead of building it again")
+    run.add_argument("--no-cache", action="store_true", help="build without importing the registry cache")
+    diagnose = commands.add_parser("diagnose", help="explain a saved build log (exit 0 when a known failure matched)")
+    diagnose.set_defaults(handler=_diagnose)
+    diagnose.add_argument("logfile")
     return root
 
 

@@ -48,15 +48,74 @@ class AwsSpec(_Strict):
     presign_ttl_seconds: int = Field(default=900, ge=60, le=43200)
 
 
+REPOSITORY = re.compile(r"^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$")
+PLATFORM = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$")
+SECRET_ID = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+
+
+def _repository(image: str | None) -> str | None:
+    if image is not None and not REPOSITORY.match(image):
+        raise ValueError(f"{image!r} is not a repository name (lowercase, no tag)")
+    return image
+
+
+def _platforms(platforms: list[str] | None) -> list[str] | None:
+    for platform in platforms or []:
+        if not PLATFORM.match(platform):
+            raise ValueError(f"{platform!r} is not a platform like linux/amd64 or linux/arm64/v8")
+    return platforms
+
+
+class KubernetesSecretRef(_Strict):
+    name: str
+    key: str
+
+
+class BuildSecretSpec(_Strict):
+    """A file the Dockerfile reads with `RUN --mount=type=secret,id=<id>`; never part of the image."""
+
+    id: str
+    kubernetes: KubernetesSecretRef | None = Field(default=None, description="a Secret in the build namespace")
+    aws_secrets_manager: str | None = Field(default=None, description="a Secrets Manager secret id or ARN")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not SECRET_ID.match(value):
+            raise ValueError(f"{value!r} is not a secret id (letters, digits, '.', '_', '-')")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BuildSecretSpec:
+        if (self.kubernetes is None) == (self.aws_secrets_manager is None):
+            raise ValueError("give exactly one of kubernetes or aws_secrets_manager")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    requests: dict[str, str] = Field(default_factory=lambda: {"cpu": "1", "memory": "2Gi"})
+    limits: dict[str, str] = Field(default_factory=lambda: {"memory": "8Gi"})
+
+
 class BuildSpec(_Strict):
     namespace: str = "build"
     service_account: str = "buildkit"
     image: str = DEFAULT_BUILDKIT_IMAGE
     mode: Literal["privileged", "rootless"] = "privileged"
-    timeout_seconds: int = Field(default=1800, ge=30)
+    timeout_seconds: int = Field(default=1800, ge=30, description="the Job's activeDeadlineSeconds")
     max_context_bytes: int = Field(default=1 << 30, ge=1, description="largest context archive to upload")
+    cache: Literal["registry", "none"] = "registry"
+    cache_repository: str | None = Field(default=None, description="repository for the cache (default: the image's)")
+    state_volume_claim: str | None = Field(default=None, description="a PVC for buildkitd's state (default: emptyDir)")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict] = Field(default_factory=list)
+    ttl_seconds_after_finished: int = Field(default=3600, ge=0)
+    platforms: list[str] = Field(default_factory=list)
 
     _namespace = field_validator("namespace", "service_account")(_dns_label)
+    _cache_repository = field_validator("cache_repository")(_repository)
+    _platform_list = field_validator("platforms")(_platforms)
 
     @field_validator("image")
     @classmethod
@@ -87,15 +146,16 @@ class ComponentSpec(_Strict):
     dockerfile: str = Field(default="Dockerfile", description="relative to the context")
     image: str = Field(description="repository under `registry`")
     release: ReleaseSpec | None = None
+    platforms: list[str] | None = Field(default=None, description="overrides build.platforms")
+    build_args: dict[str, str] = Field(default_factory=dict)
+    target: str | None = Field(default=None, description="the Dockerfile stage to build")
+    secrets: list[BuildSecretSpec] = Field(default_factory=list)
+    tag_latest: bool = False
+    cache_repository: str | None = Field(default=None, description="overrides build.cache_repository")
 
     _name = field_validator("name")(_dns_label)
-
-    @field_validator("image")
-    @classmethod
-    def _repository(cls, image: str) -> str:
-        if not re.match(r"^[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$", image):
-            raise ValueError(f"{image!r} is not a repository name (lowercase, no tag)")
-        return image
+    _image = field_validator("image", "cache_repository")(_repository)
+    _platform_list = field_validator("platforms")(_platforms)
 
 
 class PipelineConfig(_Strict):

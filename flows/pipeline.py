@@ -21,11 +21,14 @@ from pydantic import BaseModel
 
 from flows import tasks
 from flows.build import BuiltImage
-from flows.config import ComponentSpec, ConfigError, PipelineConfig
+from flows.build_run import delete_run_objects
+from flows.config import ComponentSpec, ConfigError, PipelineConfig, load_config
 from flows.deploy import DeployedRelease
 from flows.kube import kube_api
 from flows.package import PackagedContext
+from flows.diagnose import explain_failure
 from flows.plan import plan_component, prepare_source, select
+from flows.progress import ProgressTracker, step_table
 from flows.source import SourceCheckout
 
 STAGES = ("package", "upload", "registry-auth", "build", "deploy")
@@ -33,13 +36,15 @@ STAGES = ("package", "upload", "registry-auth", "build", "deploy")
 
 class ComponentResult(BaseModel):
     name: str
-    outcome: Literal["deployed", "built", "failed", "skipped"] = "failed"
+    outcome: Literal["deployed", "built", "unchanged", "failed", "skipped"] = "failed"
     archive_sha256: str | None = None
     context_uploaded: bool | None = None
     image: BuiltImage | None = None
     release: DeployedRelease | None = None
     seconds: dict[str, float] = {}
     error: str | None = None
+    steps: list[dict] = []
+    cache_hits: tuple[int, int] | None = None
 
 
 class PipelineResult(BaseModel):
@@ -109,28 +114,49 @@ async def build_component(
     credentials: AwsCredentials,
     api,
     result: ComponentResult,
+    skip_unchanged: bool = False,
+    no_cache: bool = False,
 ) -> None:
-    """upload → registry auth → build, for one packaged component."""
+    """upload → registry auth → build, for one packaged component; or reuse the image of an identical context."""
+    logger = get_run_logger()
+    run_id = str(flow_run.id or "local")
+    if skip_unchanged:
+        image = plan_component(config, component, source, archive, run_id=run_id).image
+        with timed(result.seconds, "build"):
+            result.image = await tasks.reuse_unchanged(credentials, config.registry, image)
+        if result.image:
+            result.outcome = "unchanged"
+            logger.info("%s: context unchanged, reusing %s@%s", component.name, image.repository, result.image.digest)
+            return
     with timed(result.seconds, "upload"):
         uploaded = await tasks.upload_context(
             archive, credentials, bucket=config.aws.bucket, prefix=config.aws.prefix,
             component=component.name, ttl_seconds=config.aws.presign_ttl_seconds,
         )
     result.context_uploaded = uploaded.uploaded
-    get_run_logger().info("%s: context %s (%s bytes)", component.name, uploaded.describe(), archive.bytes)
-    plan = plan_component(
-        config, component, source, archive,
-        run_id=str(flow_run.id or "local"), context_url=uploaded.url.get_secret_value(),
-    )
+    logger.info("%s: context %s (%s bytes)", component.name, uploaded.describe(), archive.bytes)
+    plan = plan_component(config, component, source, archive, run_id=run_id,
+                          context_url=uploaded.url.get_secret_value(), no_cache=no_cache)
     with timed(result.seconds, "registry-auth"):
         token = await tasks.mint_registry_token(credentials, config.registry)
+    secret_values = await tasks.read_build_secrets(credentials, component.secrets)
+    progress = ProgressTracker()
+
+    def log_line(line: str) -> None:
+        for readable in progress.feed(line):
+            logger.info("%s | %s", component.name, readable)
+
     with timed(result.seconds, "build"):
-        result.image = await tasks.run_build(
-            api, component=component.name, manifest=plan.job, token=token,
-            secret_name=plan.secret_name, image=plan.image, timeout_seconds=config.build.timeout_seconds,
-        )
+        try:
+            result.image = await tasks.run_build(
+                api, component=component.name, request=plan.request, token=token, secret_values=secret_values,
+                on_log_line=log_line, explain=explain_failure,
+            )
+        finally:
+            result.steps = step_table(progress.steps())
+            result.cache_hits = progress.cache_hits()
     result.outcome = "built"
-    get_run_logger().info("%s: pushed %s@%s", component.name, plan.image.repository, result.image.digest)
+    logger.info("%s: pushed %s@%s", component.name, plan.image.repository, result.image.digest)
 
 
 async def deploy_component(
@@ -175,12 +201,26 @@ def format_timing(result: PipelineResult) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
-@flow(name="build-and-deploy")
+async def clean_up_run(flow, run, state) -> None:
+    """Delete the build Jobs and Secrets of a cancelled or crashed run, so nothing keeps building for nobody."""
+    parameters = run.parameters or {}
+    try:
+        config = load_config(Path(parameters["config"]))
+    except (KeyError, ConfigError):
+        return
+    async with kube_api(parameters.get("kubeconfig")) as api:
+        deleted = await delete_run_objects(api, config.build.namespace, str(run.id))
+    get_run_logger().info("deleted %d build objects of run %s", deleted, run.name)
+
+
+@flow(name="build-and-deploy", on_cancellation=[clean_up_run], on_crashed=[clean_up_run])
 async def build_and_deploy(
     config: str,
     ref: str | None = None,
     components: list[str] | None = None,
     deploy: bool = True,
+    skip_unchanged: bool = False,
+    no_cache: bool = False,
     aws_credentials: AwsCredentials | None = None,
     kubeconfig: str | None = None,
 ) -> PipelineResult:
@@ -198,7 +238,8 @@ async def build_and_deploy(
         result = results[component.name]
         try:
             await build_component(pipeline, component, source, archives[component.name],
-                                  credentials=credentials, api=api, result=result)
+                                  credentials=credentials, api=api, result=result,
+                                  skip_unchanged=skip_unchanged, no_cache=no_cache)
             if deploy and component.release:
                 dependencies = [owner[name] for name in component.release.after if name in owner]
                 for name in dependencies:

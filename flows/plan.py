@@ -11,7 +11,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from flows.build import CONTEXT_URL_PLACEHOLDER, ImageRef, build_job_manifest, buildctl_args, image_ref, job_name
+from flows.build import (
+    CONTEXT_URL_PLACEHOLDER,
+    BuildRequest,
+    ImageRef,
+    SecretFile,
+    build_job_manifest,
+    image_ref,
+    job_name,
+)
 from flows.config import ComponentSpec, PipelineConfig, check_paths, load_config
 from flows.deploy import DIGEST_PLACEHOLDER, helm_upgrade_argv
 from flows.package import PackagedContext, archive_paths, package_context
@@ -23,10 +31,13 @@ class ComponentPlan(BaseModel):
 
     name: str
     archive: PackagedContext
-    image: ImageRef
+    request: BuildRequest
     job: dict
-    secret_name: str
     helm: list[str] | None
+
+    @property
+    def image(self) -> ImageRef:
+        return self.request.image
 
 
 def archive_dir() -> Path:
@@ -58,6 +69,22 @@ def image_labels(source: SourceCheckout, archive: PackagedContext) -> dict[str, 
     }
 
 
+def cache_ref(config: PipelineConfig, component: ComponentSpec) -> str | None:
+    if config.build.cache == "none":
+        return None
+    repository = component.cache_repository or config.build.cache_repository or component.image
+    return f"{config.registry}/{repository}:buildcache"
+
+
+def secret_files(component: ComponentSpec, job: str) -> list[SecretFile]:
+    """Where each build secret is read from: its own Kubernetes Secret, or the build's Secret for AWS ones."""
+    return [
+        SecretFile(id=s.id, secret_name=s.kubernetes.name, key=s.kubernetes.key) if s.kubernetes
+        else SecretFile(id=s.id, secret_name=f"{job}-secrets", key=s.id)
+        for s in component.secrets
+    ]
+
+
 def plan_component(
     config: PipelineConfig,
     component: ComponentSpec,
@@ -66,16 +93,26 @@ def plan_component(
     *,
     run_id: str,
     context_url: str = CONTEXT_URL_PLACEHOLDER,
+    no_cache: bool = False,
 ) -> ComponentPlan:
-    image = image_ref(config.image_repository(component), checkout.commit, archive.sha256, dirty=checkout.dirty)
+    image = image_ref(config.image_repository(component), checkout.commit, archive.sha256,
+                      dirty=checkout.dirty, latest=component.tag_latest)
     name = job_name(component.name, archive.sha256, run_id)
-    secret = registry_secret_name(name)
-    job = build_job_manifest(
+    request = BuildRequest(
         name=name,
         settings=config.build,
-        args=buildctl_args(context_url, archive, image, image_labels(checkout, archive)),
-        secret_name=secret,
+        context_url=context_url,
+        archive=archive,
+        image=image,
+        registry_secret=registry_secret_name(name),
+        cache_ref=cache_ref(config, component),
+        no_cache=no_cache,
+        platforms=component.platforms if component.platforms is not None else config.build.platforms,
+        build_args=component.build_args,
+        target=component.target,
+        secrets=secret_files(component, name),
         labels=component_labels(component.name, checkout, run_id),
+        image_labels=image_labels(checkout, archive),
     )
     helm = None
     if component.release:
@@ -85,7 +122,8 @@ def plan_component(
             image_repository=image.repository,
             image_tag=f"{image.tags[0]}@{DIGEST_PLACEHOLDER}",
         )
-    return ComponentPlan(name=component.name, archive=archive, image=image, job=job, secret_name=secret, helm=helm)
+    return ComponentPlan(name=component.name, archive=archive, request=request, job=build_job_manifest(request),
+                         helm=helm)
 
 
 def select(config: PipelineConfig, names: list[str] | None) -> list[ComponentSpec]:

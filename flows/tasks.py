@@ -12,7 +12,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect_aws import AwsCredentials
 
-from flows import build, deploy, package, plan, registry_auth, source, upload
+from flows import build, build_run, deploy, package, plan, registry_auth, source, upload
+from flows.config import BuildSecretSpec
 from flows.kube import is_transient_api_error
 
 
@@ -57,9 +58,32 @@ async def mint_registry_token(credentials: AwsCredentials, registry: str) -> reg
     return await asyncio.to_thread(registry_auth.mint_ecr_token, credentials, registry)
 
 
+@task(name="reuse-unchanged", retries=3, timeout_seconds=60, **STAGE)
+async def reuse_unchanged(credentials: AwsCredentials, registry: str, image: build.ImageRef) -> build.BuiltImage | None:
+    """The image already built from this exact context, tagged for this run; None when there is none."""
+    digest = await asyncio.to_thread(build_run.existing_image, credentials, registry, image)
+    if digest is None:
+        return None
+    await asyncio.to_thread(build_run.tag_existing_image, credentials, registry, image, digest)
+    return build.BuiltImage(repository=image.repository, tags=image.tags, digest=digest, job=None, reused=True)
+
+
+@task(name="build-secrets", retries=3, timeout_seconds=60, persist_result=False, **STAGE)
+async def read_build_secrets(credentials: AwsCredentials, secrets: list[BuildSecretSpec]) -> dict[str, str]:
+    """Values of the build secrets kept in AWS Secrets Manager, for the build's own Kubernetes Secret."""
+    wanted = [s for s in secrets if s.aws_secrets_manager]
+    if not wanted:
+        return {}
+    client = credentials.get_client("secretsmanager")
+    return {
+        s.id: (await asyncio.to_thread(client.get_secret_value, SecretId=s.aws_secrets_manager))["SecretString"]
+        for s in wanted
+    }
+
+
 @task(name="build", retries=2, **STAGE)
 async def run_build(api, **kwargs) -> build.BuiltImage:
-    return await build.run_build(api, **kwargs)
+    return await build_run.run_build(api, **kwargs)
 
 
 @task(name="deploy", cache_policy=NO_CACHE)

@@ -4,9 +4,11 @@ It plays the part of `buildctl-daemonless.sh build ...` inside the emulated
 cluster: it reads the Pod spec the way the kubelet would hand it to the
 container, downloads the presigned context URL, checks the archive layout the
 dockerfile frontend expects, checks the mounted registry config against a token
-minted from the same account, "pushes" the image to the sandbox ECR, and writes
-buildctl's metadata JSON as the termination message. A broken contract fails
-the pod with the error text real BuildKit would print.
+minted from the same account, reads the mounted build secrets, "pushes" the
+image to the sandbox ECR, and writes buildctl's metadata JSON as the
+termination message. Progress goes to the log as `--progress=rawjson` lines. A
+broken contract, or a failure a test asks for, fails the pod with the text real
+BuildKit prints.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ import tarfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 from sandbox.aws import AwsSandbox
 from sandbox.kube import KubeEmulator, PodHandle
+
+ECR_CACHE_ATTRIBUTES = ("type=registry", "mode=max", "image-manifest=true", "oci-mediatypes=true")
 
 
 class ContractError(Exception):
@@ -35,25 +40,73 @@ def is_buildkit_pod(pod: dict) -> bool:
     return any("buildkit" in c.get("image", "") for c in containers)
 
 
-def parse_buildctl(args: list[str]) -> tuple[dict[str, str], dict[str, str], str]:
-    """`--opt k=v` options, the `--output` attributes and the metadata file of a `buildctl build` argv."""
-    opts, output, metadata = {}, {}, ""
+@dataclass
+class BuildctlArgs:
+    opts: dict[str, str] = field(default_factory=dict)
+    output: dict[str, str] = field(default_factory=dict)
+    secrets: dict[str, str] = field(default_factory=dict)
+    export_cache: str = ""
+    import_cache: str = ""
+    metadata_file: str = ""
+    progress: str = ""
+    no_cache: bool = False
+
+
+def parse_buildctl(args: list[str]) -> BuildctlArgs:
+    """The parts of a `buildctl build` argv that the contract is about."""
+    parsed = BuildctlArgs()
     it = iter(args)
     for arg in it:
         if arg == "--opt":
             key, _, value = next(it).partition("=")
-            opts[key] = value
+            parsed.opts[key] = value
         elif arg == "--output":
-            for part in _csv(next(it)):
-                key, _, value = part.partition("=")
-                output[key] = value
+            parsed.output = dict(part.partition("=")[::2] for part in next(csv.reader([next(it)])))
+        elif arg == "--secret":
+            attributes = dict(part.partition("=")[::2] for part in next(it).split(","))
+            parsed.secrets[attributes["id"]] = attributes["src"]
+        elif arg == "--export-cache":
+            parsed.export_cache = next(it)
+        elif arg == "--import-cache":
+            parsed.import_cache = next(it)
         elif arg == "--metadata-file":
-            metadata = next(it)
-    return opts, output, metadata
+            parsed.metadata_file = next(it)
+        elif arg.startswith("--progress="):
+            parsed.progress = arg.partition("=")[2]
+        elif arg == "--no-cache":
+            parsed.no_cache = True
+    return parsed
 
 
-def _csv(text: str) -> list[str]:
-    return next(csv.reader([text]))
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class RawJsonProgress:
+    """Writes BuildKit `SolveStatus` lines, one per update, as `buildctl --progress=rawjson` does."""
+
+    def __init__(self, handle: PodHandle) -> None:
+        self._handle = handle
+        self._count = 0
+
+    def _emit(self, status: dict) -> None:
+        self._handle.log(json.dumps(status))
+
+    def step(self, name: str, *, cached: bool = False, output: str = "", seconds: float = 0.0,
+             error: str | None = None) -> None:
+        self._count += 1
+        digest = "sha256:" + hashlib.sha256(f"{self._count}{name}".encode()).hexdigest()
+        started = _now()
+        vertex = {"digest": digest, "name": name, "started": started}
+        if cached:
+            self._emit({"vertexes": [{**vertex, "completed": started, "cached": True}]})
+            return
+        self._emit({"vertexes": [vertex]})
+        if output:
+            data = base64.b64encode(output.encode()).decode()
+            self._emit({"logs": [{"vertex": digest, "stream": 1, "data": data, "timestamp": _now()}]})
+        time.sleep(seconds)
+        self._emit({"vertexes": [{**vertex, "completed": _now(), **({"error": error} if error else {})}]})
 
 
 @dataclass
@@ -64,6 +117,7 @@ class SimulatedBuildKit:
     build_seconds: dict[str, float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     builds: list[dict] = field(default_factory=list)
+    exported_caches: set[str] = field(default_factory=set)
 
     def install(self) -> None:
         self.emulator.on_pod(is_buildkit_pod, self.run)
@@ -74,8 +128,8 @@ class SimulatedBuildKit:
         try:
             record = self._build(handle)
         except ContractError as exc:
-            handle.log(f"error: {exc}")
-            handle.terminate(1, message=f"error: {exc}")
+            handle.log(f"error: failed to solve: {exc}")
+            handle.terminate(1, message=f"error: failed to solve: {exc}")
             return
         except Exception as exc:  # noqa: BLE001 - any surprise is a failed build, as in a real pod
             handle.log(f"error: sandbox buildkit: {type(exc).__name__}: {exc}")
@@ -86,68 +140,97 @@ class SimulatedBuildKit:
         handle.terminate(0, message=json.dumps(record["metadata"]))
 
     def _build(self, handle: PodHandle) -> dict:
-        spec = handle.pod["spec"]
-        if spec.get("initContainers"):
-            raise ContractError("the build pod must have no init containers")
-        if len(spec["containers"]) != 1:
-            raise ContractError("the build pod must have exactly one container")
-        container = spec["containers"][0]
-        if container.get("command") != ["buildctl-daemonless.sh"] or container["args"][0] != "build":
-            raise ContractError(f"unexpected command {container.get('command')} {container.get('args', [])[:1]}")
+        container = _single_container(handle.pod["spec"])
         _check_security(container)
-        opts, output, metadata_file = parse_buildctl(container["args"][1:])
-        if metadata_file != container.get("terminationMessagePath", "/dev/termination-log"):
+        args = parse_buildctl(container["args"][1:])
+        if args.metadata_file != container.get("terminationMessagePath", "/dev/termination-log"):
             raise ContractError("--metadata-file must be the termination message path")
+        _check_cache_flags(args)
         auth = self._mounted_registry_auth(handle, container)
-        names = output.get("name", "").split(",")
-        registry = names[0].split("/", 1)[0]
-        if auth.get(registry) != self._minted_token(registry):
-            raise ContractError(
-                f"failed to push {names[0]}: unexpected status from HEAD request: 401 Unauthorized"
-            )
-        handle.log("#1 [internal] load remote build context")
-        archive = _download(opts.get("context", ""))
-        handle.log(f"#1 DONE {len(archive)} bytes")
-        dockerfile = _check_layout(archive, opts.get("filename", "Dockerfile"), opts.get("contextsubdir", ""))
-        step = 2
-        for line in dockerfile.splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                handle.log(f"#{step} [{step - 1}/?] {line.strip()}")
-                handle.log(f"#{step} DONE 0.0s")
-                step += 1
+        secrets = {id_: self._mounted_secret(handle, container, id_, src) for id_, src in args.secrets.items()}
+        names = args.output.get("name", "").split(",")
         repository = names[0].rsplit(":", 1)[0]
-        if repository in self.failures:
-            raise ContractError(self.failures[repository])
-        time.sleep(self.build_seconds.get(repository, 0.0))
+        registry = names[0].split("/", 1)[0]
+        progress = RawJsonProgress(handle)
+
+        progress.step("[internal] load remote build context")
+        archive = _download(args.opts.get("context", ""))
+        dockerfile = _check_layout(archive, args.opts.get("filename", "Dockerfile"), args.opts.get("contextsubdir", ""))
+        instructions = [line.strip() for line in dockerfile.splitlines()
+                        if line.strip() and not line.lstrip().startswith("#")]
+        cache_ready = bool(args.import_cache) and args.import_cache.partition("ref=")[2] in self.exported_caches
+        if args.import_cache and not cache_ready:
+            progress.step("importing cache manifest from " + args.import_cache.partition("ref=")[2],
+                          output="failed to configure registry cache importer: not found\n")
+        seconds = self.build_seconds.get(repository, 0.0) / max(len(instructions), 1)
+        failure = self.failures.get(repository)
+        for number, instruction in enumerate(instructions, 1):
+            name = f"[{number}/{len(instructions)}] {instruction}"
+            if failure and instruction.startswith("RUN"):
+                progress.step(name, output=failure + "\n", error=failure, seconds=seconds)
+                raise ContractError(failure)
+            progress.step(name, cached=cache_ready and not instruction.startswith("COPY"), seconds=seconds)
+        if failure:
+            raise ContractError(failure)
+        if auth.get(registry) != self._minted_token(registry):
+            progress.step("exporting to image", error="401 Unauthorized")
+            raise ContractError(f"failed to push {names[0]}: unexpected status from HEAD request: 401 Unauthorized")
         digest = "sha256:" + hashlib.sha256(archive + repository.encode()).hexdigest()
-        handle.log(f"#{step} exporting to image")
         self._push(names, digest)
-        handle.log(f"#{step} pushing manifest for {names[0]}@{digest} done")
-        handle.log(f"#{step} DONE 0.1s")
+        progress.step("exporting to image", output=f"pushing manifest for {names[0]}@{digest} done\n")
+        if args.export_cache:
+            self.exported_caches.add(args.export_cache.split("ref=")[1].split(",")[0])
         return {
             "pod": handle.name,
-            "context_url": opts["context"],
+            "context_url": args.opts["context"],
             "names": names,
+            "opts": args.opts,
+            "secrets": {id_: hashlib.sha256(value).hexdigest() for id_, value in secrets.items()},
+            "cache_imported": cache_ready,
             "metadata": {"containerimage.digest": digest, "image.name": ",".join(names)},
         }
+
+    def _secret_volume(self, handle: PodHandle, container: dict, path: str) -> tuple[dict, dict] | None:
+        """The mount serving `path` and the Secret volume behind it."""
+        for mount in container.get("volumeMounts", []):
+            if path == mount["mountPath"] or path.startswith(mount["mountPath"].rstrip("/") + "/"):
+                volume = next((v for v in handle.pod["spec"].get("volumes", []) if v["name"] == mount["name"]), None)
+                if volume and "secret" in volume:
+                    return mount, volume
+        return None
+
+    def _read_secret_key(self, namespace: str, volume: dict, key: str) -> bytes:
+        name = volume["secret"]["secretName"]
+        secret = self.emulator.get("secrets", namespace, name)
+        if secret is None:
+            raise ContractError(f'MountVolume.SetUp failed for volume "{volume["name"]}": secret "{name}" not found')
+        if key not in (secret.get("data") or {}):
+            raise ContractError(f'secret "{name}" has no key {key!r}')
+        return base64.b64decode(secret["data"][key])
 
     def _mounted_registry_auth(self, handle: PodHandle, container: dict) -> dict[str, str]:
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         config_dir = env.get("DOCKER_CONFIG")
         if not config_dir:
             raise ContractError("DOCKER_CONFIG is not set: buildctl will find no registry credentials")
-        mount = next((m for m in container.get("volumeMounts", []) if m["mountPath"] == config_dir), None)
-        volume = mount and next((v for v in handle.pod["spec"].get("volumes", []) if v["name"] == mount["name"]), None)
-        if not volume or "secret" not in volume:
+        found = self._secret_volume(handle, container, f"{config_dir}/config.json")
+        if not found:
             raise ContractError(f"no Secret is mounted at $DOCKER_CONFIG ({config_dir})")
+        _, volume = found
         items = {i["key"]: i["path"] for i in volume["secret"].get("items", [])}
         if items.get(".dockerconfigjson") != "config.json":
             raise ContractError("the Secret's .dockerconfigjson must be mounted as config.json")
-        secret = self.emulator.get("secrets", handle.namespace, volume["secret"]["secretName"])
-        if secret is None:
-            raise ContractError(f'secret "{volume["secret"]["secretName"]}" not found')
-        config = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
+        config = json.loads(self._read_secret_key(handle.namespace, volume, ".dockerconfigjson"))
         return {host: entry.get("auth") for host, entry in config.get("auths", {}).items()}
+
+    def _mounted_secret(self, handle: PodHandle, container: dict, secret_id: str, src: str) -> bytes:
+        found = self._secret_volume(handle, container, src)
+        if not found:
+            raise ContractError(f"failed to load secret {secret_id}: open {src}: no such file or directory")
+        mount, volume = found
+        filename = mount.get("subPath") or src.removeprefix(mount["mountPath"].rstrip("/") + "/")
+        key = next((i["key"] for i in volume["secret"].get("items", []) if i["path"] == filename), filename)
+        return self._read_secret_key(handle.namespace, volume, key)
 
     def _minted_token(self, registry: str) -> str:
         account = registry.split(".", 1)[0]
@@ -169,6 +252,17 @@ class SimulatedBuildKit:
                 ) from None
 
 
+def _single_container(spec: dict) -> dict:
+    if spec.get("initContainers"):
+        raise ContractError("the build pod must have no init containers")
+    if len(spec["containers"]) != 1:
+        raise ContractError("the build pod must have exactly one container")
+    container = spec["containers"][0]
+    if container.get("command") != ["buildctl-daemonless.sh"] or container["args"][0] != "build":
+        raise ContractError(f"unexpected command {container.get('command')} {container.get('args', [])[:1]}")
+    return container
+
+
 def _check_security(container: dict) -> None:
     security = container.get("securityContext", {})
     if container["image"].endswith("-rootless"):
@@ -176,18 +270,29 @@ def _check_security(container: dict) -> None:
             raise ContractError("rootless buildkit must run as uid 1000")
     elif not security.get("privileged"):
         raise ContractError(
-            "buildkitd: failed to create worker: mount proc: operation not permitted (the pod is not privileged)"
+            "failed to mount /tmp/buildkit-mount: [{Type:bind Source:/proc}]: operation not permitted"
         )
+
+
+def _check_cache_flags(args: BuildctlArgs) -> None:
+    """ECR accepts a registry cache only as an OCI image manifest."""
+    if not args.export_cache:
+        return
+    missing = [a for a in ECR_CACHE_ATTRIBUTES if a not in args.export_cache.split(",")]
+    if missing:
+        raise ContractError(f"ECR rejects the cache export without {', '.join(missing)}: 400 Bad Request")
+    if args.import_cache and args.import_cache.partition("ref=")[2] != args.export_cache.split("ref=")[1].split(",")[0]:
+        raise ContractError("the cache is imported from another ref than it is exported to")
 
 
 def _download(url: str) -> bytes:
     if not url.startswith(("http://", "https://")):
-        raise ContractError(f"context {url!r} is not an http(s) URL")
+        raise ContractError(f"failed to resolve httpcontext: context {url!r} is not an http(s) URL")
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             return response.read()
     except OSError as exc:
-        raise ContractError(f"failed to read remote context: {exc}") from None
+        raise ContractError(f"failed to resolve httpcontext: {exc}") from None
 
 
 def _check_layout(archive: bytes, filename: str, contextsubdir: str) -> str:
@@ -198,8 +303,8 @@ def _check_layout(archive: bytes, filename: str, contextsubdir: str) -> str:
         members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
         if filename not in members or not members[filename].isfile():
             raise ContractError(
-                f"failed to solve: failed to read dockerfile: open {filename}: no such file or directory"
+                f"failed to read dockerfile: open {filename}: no such file or directory"
             )
         if contextsubdir and not any(name == contextsubdir or name.startswith(contextsubdir + "/") for name in members):
-            raise ContractError(f"failed to solve: contextsubdir {contextsubdir!r} not found in the context")
+            raise ContractError(f"contextsubdir {contextsubdir!r} not found in the context")
         return tar.extractfile(members[filename]).read().decode()

@@ -1,0 +1,267 @@
+"""Build stage, the run: create the Secrets and the Job, follow its log, wait for it, read back the digest.
+
+Waiting is a watch on the Job (resumed from the last resourceVersion when the
+stream ends or drops, relisted on 410 Gone), never a sleep loop. The per-build
+Secrets are owned by the Job, so Kubernetes removes them with it, and are
+deleted as soon as the build ends; a cancelled build deletes its Job too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import time
+from typing import Callable
+
+from kubernetes_asyncio import client, watch
+from kubernetes_asyncio.client.exceptions import ApiException
+from prefect_aws import AwsCredentials
+
+from flows.build import (
+    CONTAINER,
+    BuildFailed,
+    BuildRequest,
+    BuiltImage,
+    ImageRef,
+    build_job_manifest,
+    describe_failure,
+    job_outcome,
+    read_digest,
+    terminated_state,
+)
+from flows.kube import as_dict
+from flows.registry_auth import RegistryToken, owned_by, registry_secret_manifest
+
+LOG_TAIL_LINES = 50
+LOG_DRAIN_SECONDS = 2.0
+
+
+def existing_image(credentials: AwsCredentials, registry: str, image: ImageRef) -> str | None:
+    """The digest of an image already pushed for this exact context (its `ctx-` tag), if any."""
+    ecr = credentials.get_client("ecr")
+    repository = image.repository.removeprefix(f"{registry}/")
+    try:
+        details = ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": image.context_tag}])
+    except ecr.exceptions.ImageNotFoundException:
+        return None
+    return details["imageDetails"][0]["imageDigest"]
+
+
+def tag_existing_image(credentials: AwsCredentials, registry: str, image: ImageRef, digest: str) -> None:
+    """Give a reused image this run's tags, so `<commit12>` names what was deployed."""
+    ecr = credentials.get_client("ecr")
+    repository = image.repository.removeprefix(f"{registry}/")
+    [found] = ecr.batch_get_image(repositoryName=repository, imageIds=[{"imageDigest": digest}])["images"]
+    for tag in image.tags:
+        try:
+            ecr.put_image(repositoryName=repository, imageManifest=found["imageManifest"], imageTag=tag,
+                          imageDigest=digest)
+        except ecr.exceptions.ImageAlreadyExistsException:
+            pass
+
+
+def build_secrets_manifest(name: str, namespace: str, values: dict[str, str], labels: dict[str, str]) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "type": "Opaque",
+        "data": {key: base64.b64encode(value.encode()).decode() for key, value in values.items()},
+    }
+
+
+async def _create_or_adopt(create, read):
+    """Create an object; if a retried request already created it, use the existing one."""
+    try:
+        return await create()
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        return await read()
+
+
+async def _create_secret(core: client.CoreV1Api, namespace: str, manifest: dict) -> None:
+    name = manifest["metadata"]["name"]
+    await _create_or_adopt(
+        lambda: core.create_namespaced_secret(namespace, manifest),
+        lambda: core.replace_namespaced_secret(name, namespace, manifest),
+    )
+
+
+async def _delete_quietly(delete, *args, **kwargs) -> None:
+    try:
+        await delete(*args, **kwargs)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
+async def wait_for_job(api: client.ApiClient, namespace: str, name: str, resource_version: str, deadline: float) -> dict:
+    """Watch one Job until it is Complete or Failed, resuming the watch when the stream ends or drops."""
+    batch = client.BatchV1Api(api)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BuildFailed(f"build Job {namespace}/{name} did not finish in time")
+        try:
+            async with watch.Watch() as stream:
+                async for event in stream.stream(
+                    batch.list_namespaced_job,
+                    namespace,
+                    field_selector=f"metadata.name={name}",
+                    resource_version=resource_version,
+                    timeout_seconds=max(1, min(int(remaining), 300)),
+                    _request_timeout=remaining + 5,
+                ):
+                    job = as_dict(api, event["object"])
+                    resource_version = job["metadata"].get("resourceVersion", resource_version)
+                    if event["type"] == "DELETED":
+                        raise BuildFailed(f"build Job {namespace}/{name} was deleted before it finished")
+                    if job_outcome(job):
+                        return job
+        except ApiException as exc:
+            if exc.status != 410:
+                raise
+            job = as_dict(api, await batch.read_namespaced_job(name, namespace))
+            if job_outcome(job):
+                return job
+            resource_version = job["metadata"]["resourceVersion"]
+        except (asyncio.TimeoutError, OSError):
+            continue
+
+
+async def _started_pod(api: client.ApiClient, namespace: str, job: str) -> str:
+    """The name of the Job's Pod, once its buildkit container has started (or already ended)."""
+    core = client.CoreV1Api(api)
+    while True:
+        async with watch.Watch() as stream:
+            async for event in stream.stream(core.list_namespaced_pod, namespace, label_selector=f"job-name={job}",
+                                             timeout_seconds=60):
+                pod = as_dict(api, event["object"])
+                for status in (pod.get("status") or {}).get("containerStatuses") or []:
+                    state = status.get("state") or {}
+                    if status.get("name") == CONTAINER and ("running" in state or "terminated" in state):
+                        return pod["metadata"]["name"]
+
+
+async def follow_log(api: client.ApiClient, namespace: str, job: str, on_line: Callable[[str], None]) -> None:
+    """Hand every line the buildkit container writes to `on_line` as it is written."""
+    pod = await _started_pod(api, namespace, job)
+    response = await client.CoreV1Api(api).read_namespaced_pod_log(
+        pod, namespace, container=CONTAINER, follow=True, _preload_content=False
+    )
+    try:
+        async for raw in response.content:
+            on_line(raw.decode(errors="replace").rstrip("\n"))
+    finally:
+        response.release()
+
+
+async def _pods(api: client.ApiClient, namespace: str, job: str) -> list[dict]:
+    pods = await client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=f"job-name={job}")
+    return [as_dict(api, pod) for pod in pods.items]
+
+
+async def _events(api: client.ApiClient, namespace: str, job: str) -> list[dict]:
+    """The Job's events: a Pod that was never created (Pod Security, quota) shows only there."""
+    events = await client.CoreV1Api(api).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.kind=Job,involvedObject.name={job}"
+    )
+    return [as_dict(api, event) for event in events.items]
+
+
+async def _log_tail(api: client.ApiClient, namespace: str, pods: list[dict]) -> str:
+    core = client.CoreV1Api(api)
+    for pod in reversed(pods):
+        try:
+            return await core.read_namespaced_pod_log(
+                pod["metadata"]["name"], namespace, container=CONTAINER, tail_lines=LOG_TAIL_LINES
+            )
+        except ApiException:
+            continue
+    return ""
+
+
+async def _stop(task: asyncio.Task, grace: float) -> None:
+    """Let a log follower drain what is left, then stop it."""
+    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
+        await asyncio.wait_for(asyncio.shield(task), grace)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+
+
+async def run_build(
+    api: client.ApiClient,
+    *,
+    component: str,
+    request: BuildRequest,
+    token: RegistryToken,
+    secret_values: dict[str, str],
+    on_log_line: Callable[[str], None],
+    explain: Callable[[str, dict, list[dict], list[dict]], str] = lambda log, job, pods, events: describe_failure(job, pods),
+) -> BuiltImage:
+    """Create the Secrets and the Job, follow the build log, and return what the Job pushed.
+
+    `secret_values` are build secrets read from AWS Secrets Manager, stored for
+    the Job in a Secret of its own. `explain` turns a failed build's log tail,
+    Job, Pods and events into the reason the error gives.
+    """
+    manifest = build_job_manifest(request)
+    namespace, name = manifest["metadata"]["namespace"], request.name
+    labels = manifest["metadata"]["labels"]
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    deadline = time.monotonic() + request.settings.timeout_seconds + 60
+    secrets = [registry_secret_manifest(request.registry_secret, namespace, token, labels)]
+    if secret_values:
+        secrets.append(build_secrets_manifest(f"{name}-secrets", namespace, secret_values, labels))
+    follower = None
+    try:
+        for secret in secrets:
+            await _create_secret(core, namespace, secret)
+        created = as_dict(api, await _create_or_adopt(
+            lambda: batch.create_namespaced_job(namespace, manifest),
+            lambda: batch.read_namespaced_job(name, namespace),
+        ))
+        for secret in secrets:
+            await core.patch_namespaced_secret(secret["metadata"]["name"], namespace, owned_by(created))
+        follower = asyncio.create_task(follow_log(api, namespace, name, on_log_line))
+        job = await wait_for_job(api, namespace, name, created["metadata"]["resourceVersion"], deadline)
+        await _stop(follower, LOG_DRAIN_SECONDS)
+        pods = await _pods(api, namespace, name)
+        if job_outcome(job) == "Complete":
+            succeeded = [pod for pod in pods if terminated_state(pod).get("exitCode") == 0]
+            if succeeded:
+                digest = read_digest(terminated_state(succeeded[-1]).get("message", ""))
+                return BuiltImage(repository=request.image.repository, tags=request.image.tags, digest=digest,
+                                  job=name)
+        tail = await _log_tail(api, namespace, pods)
+        events = await _events(api, namespace, name)
+        raise BuildFailed(
+            f"{component}: build Job {namespace}/{name} failed: {explain(tail, job, pods, events)}\n"
+            f"--- last {LOG_TAIL_LINES} log lines ---\n{tail.rstrip()}"
+        )
+    except asyncio.CancelledError:
+        await asyncio.shield(_delete_quietly(batch.delete_namespaced_job, name, namespace,
+                                             propagation_policy="Background"))
+        raise
+    finally:
+        if follower is not None and not follower.done():
+            follower.cancel()
+        for secret in secrets:
+            await asyncio.shield(_delete_quietly(core.delete_namespaced_secret, secret["metadata"]["name"], namespace))
+
+
+async def delete_run_objects(api: client.ApiClient, namespace: str, flow_run_id: str) -> int:
+    """Delete every build Job and Secret a flow run created; for cancelled and crashed runs."""
+    selector = f"buildkit-pipeline/flow-run={flow_run_id}"
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    jobs = (await batch.list_namespaced_job(namespace, label_selector=selector)).items
+    secrets = (await core.list_namespaced_secret(namespace, label_selector=selector)).items
+    for job in jobs:
+        await _delete_quietly(batch.delete_namespaced_job, job.metadata.name, namespace,
+                              propagation_policy="Background")
+    for secret in secrets:
+        await _delete_quietly(core.delete_namespaced_secret, secret.metadata.name, namespace)
+    return len(jobs) + len(secrets)
