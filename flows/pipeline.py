@@ -155,6 +155,11 @@ async def build_component(
         finally:
             result.steps = step_table(progress.steps())
             result.cache_hits = progress.cache_hits()
+            if result.steps:
+                await acreate_table_artifact(
+                    key=f"build-steps-{component.name}", table=result.steps,
+                    description=f"BuildKit steps of {component.name}: seconds, cache hits, errors",
+                )
     result.outcome = "built"
     logger.info("%s: pushed %s@%s", component.name, plan.image.repository, result.image.digest)
 
