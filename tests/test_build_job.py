@@ -132,3 +132,15 @@ def test_the_job_and_its_pod_carry_component_run_and_commit_labels(tmp_path, cap
         cache = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/cache:buildcache"
         assert f"type=registry,ref={cache}" in spec["args"]
         kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_diagnose_command_names_the_signature_on_its_first_line(capsys):
+    from pathlib import Path
+
+    from flows.cli import main
+
+    fixtures = Path(__file__).parent / "fixtures" / "buildkit"
+    assert main(["diagnose", str(fixtures / "rootless-userns.log")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "rootless-userns"
+    assert main(["diagnose", str(fixtures / "success.log")]) == 1
+    assert capsys.readouterr().out.splitlines()[0] == "no known signature"
