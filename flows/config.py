@@ -130,14 +130,30 @@ class BuildSpec(_Strict):
 
 class ReleaseSpec(_Strict):
     name: str
-    chart: str = Field(description="chart folder, relative to the repo root")
+    chart: str = Field(description="chart folder relative to the repo root, an oci:// reference, or a chart in `repo`")
+    repo: str | None = Field(default=None, description="chart repository URL, for a chart name")
+    version: str | None = Field(default=None, description="chart version; required for oci:// and repo charts")
     namespace: str = "default"
     values: list[str] = Field(default_factory=list, description="values files, relative to the repo root")
     set: dict[str, str] = Field(default_factory=dict)
+    set_secret: dict[str, str] = Field(default_factory=dict, description="value key -> Prefect Secret block name")
     after: list[str] = Field(default_factory=list, description="releases that must be deployed first")
     timeout_seconds: int = Field(default=300, ge=10)
 
     _names = field_validator("name", "namespace")(_dns_label)
+
+    @property
+    def local_chart(self) -> bool:
+        return not self.chart.startswith("oci://") and self.repo is None
+
+    @model_validator(mode="after")
+    def _pinned_remote_chart(self) -> ReleaseSpec:
+        if not self.local_chart and not self.version:
+            raise ValueError(f"chart {self.chart!r} is not in the repository: pin it with `version`")
+        overlap = sorted(set(self.set) & set(self.set_secret))
+        if overlap:
+            raise ValueError(f"{', '.join(overlap)} set both in `set` and `set_secret`")
+        return self
 
 
 class ComponentSpec(_Strict):
@@ -268,13 +284,14 @@ def check_paths(config: PipelineConfig, repo_root: Path) -> None:
             problems.append(f"components[{i}].context: no such directory {component.context!r}")
         elif not (context / component.dockerfile).is_file():
             problems.append(f"components[{i}].dockerfile: no such file {component.dockerfile!r} in {component.context!r}")
-        if release := component.release:
+        release = component.release
+        if release and release.local_chart:
             chart = inside(release.chart)
             if chart is None or not (chart / "Chart.yaml").is_file():
                 problems.append(f"components[{i}].release.chart: no such directory {release.chart!r} (with a Chart.yaml)")
-            for j, values in enumerate(release.values):
-                path = inside(values)
-                if path is None or not path.is_file():
-                    problems.append(f"components[{i}].release.values[{j}]: no such file {values!r}")
+        for j, values in enumerate(release.values if release else []):
+            path = inside(values)
+            if path is None or not path.is_file():
+                problems.append(f"components[{i}].release.values[{j}]: no such file {values!r}")
     if problems:
         raise ConfigError(problems)

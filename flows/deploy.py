@@ -1,28 +1,41 @@
 """Deploy stage: `helm upgrade --install` of a component's release with the exact image that was built.
 
 The image tag is `<tag>@sha256:<digest>`, so the cluster runs the bytes the
-build pushed even if the tag moves later. helm waits for the release to be
-ready and rolls back to the previous revision when it is not.
+build pushed even if the tag moves later. helm waits for the release and rolls
+back on failure; then the rollout is verified through the Kubernetes API, and a
+release that did not come up is put back on its previous revision. One helm
+operation per release runs at a time, across flow runs (a Prefect global
+concurrency limit keyed by release), so an on-demand run and the nightly never
+meet in "another operation is in progress".
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.asyncio import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from flows.config import ReleaseSpec
+from flows.rollout import PodProblemRecorder, RolloutFailed, manifest_deployments, verify_rollout
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGEST_PLACEHOLDER = "sha256:<digest>"
+SECRET_VALUES_PLACEHOLDER = "<secret values file>"
 
 
 class DeployFailed(RuntimeError):
-    """helm could not install or upgrade a release; the previous revision is still running."""
+    """A release did not roll out; the message names release, revisions and reason."""
 
 
 class DeployedRelease(BaseModel):
@@ -50,6 +63,25 @@ def rollback_flag(helm_version: str) -> str:
     return "--rollback-on-failure" if major >= 4 else "--atomic"
 
 
+def _chart_args(release: ReleaseSpec, repo_root: Path) -> list[str]:
+    chart = str(repo_root / release.chart) if release.local_chart else release.chart
+    return [chart, *(["--repo", release.repo] if release.repo else []),
+            *(["--version", release.version] if release.version else [])]
+
+
+def _values_args(release: ReleaseSpec, *, repo_root: Path, image_repository: str, image_tag: str,
+                 secret_values_file: str | None) -> list[str]:
+    args = []
+    for values in release.values:
+        args += ["--values", str(repo_root / values)]
+    if release.set_secret:
+        args += ["--values", secret_values_file or SECRET_VALUES_PLACEHOLDER]
+    args += ["--set-string", f"image.repository={image_repository}", "--set-string", f"image.tag={image_tag}"]
+    for key, value in release.set.items():
+        args += ["--set-string", f"{key}={value}"]
+    return args
+
+
 def helm_upgrade_argv(
     release: ReleaseSpec,
     *,
@@ -59,23 +91,48 @@ def helm_upgrade_argv(
     helm: str = "helm",
     helm_version: str = "v4",
     kubeconfig: str | None = None,
+    secret_values_file: str | None = None,
 ) -> list[str]:
-    argv = [
-        helm, "upgrade", "--install", release.name, str(repo_root / release.chart),
+    """The exact `helm upgrade --install` command; secret values only ever travel in a file."""
+    return [
+        helm, "upgrade", "--install", release.name, *_chart_args(release, repo_root),
         "--namespace", release.namespace, "--create-namespace",
+        *_values_args(release, repo_root=repo_root, image_repository=image_repository, image_tag=image_tag,
+                      secret_values_file=secret_values_file),
+        "--wait", "--timeout", f"{release.timeout_seconds}s", rollback_flag(helm_version),
+        *(["--kubeconfig", kubeconfig] if kubeconfig else []),
     ]
-    for values in release.values:
-        argv += ["--values", str(repo_root / values)]
-    argv += ["--set-string", f"image.repository={image_repository}", "--set-string", f"image.tag={image_tag}"]
-    for key, value in release.set.items():
-        argv += ["--set-string", f"{key}={value}"]
-    argv += ["--wait", "--timeout", f"{release.timeout_seconds}s", rollback_flag(helm_version)]
-    if kubeconfig:
-        argv += ["--kubeconfig", kubeconfig]
-    return argv
 
 
-async def _run(argv: list[str], timeout: float) -> str:
+def secret_values_document(values: dict[str, str]) -> dict:
+    """`{"db.password": "x"}` as the nested values helm reads from a file."""
+    document: dict = {}
+    for dotted, value in values.items():
+        *parents, leaf = dotted.split(".")
+        node = document
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return document
+
+
+@contextlib.contextmanager
+def secret_values_file(values: dict[str, SecretStr]):
+    """A 0600 values file holding the release's secret values, removed when the operation ends."""
+    if not values:
+        yield None
+        return
+    descriptor, path = tempfile.mkstemp(prefix="helm-secret-values-", suffix=".yaml")
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            yaml.safe_dump(secret_values_document({k: v.get_secret_value() for k, v in values.items()}), handle)
+        yield path
+    finally:
+        os.unlink(path)
+
+
+async def run_helm(argv: list[str], timeout: float) -> str:
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
@@ -84,45 +141,111 @@ async def _run(argv: list[str], timeout: float) -> str:
     except asyncio.TimeoutError:
         process.kill()
         await process.wait()
-        raise DeployFailed(f"`{' '.join(argv[1:3])}` did not finish within {timeout:.0f}s") from None
+        raise DeployFailed(f"`helm {argv[1]}` did not finish within {timeout:.0f}s") from None
     if process.returncode != 0:
         raise DeployFailed(stderr.decode().strip() or stdout.decode().strip())
     return stdout.decode()
 
 
 async def helm_version(helm: str) -> str:
-    return (await _run([helm, "version", "--template", "{{.Version}}"], 30)).strip()
+    return (await run_helm([helm, "version", "--template", "{{.Version}}"], 30)).strip()
+
+
+def release_lock_name(release: ReleaseSpec) -> str:
+    return f"helm-release-{release.namespace}-{release.name}"
+
+
+async def ensure_release_lock(name: str) -> None:
+    """A global concurrency limit of 1 for this release (the concurrency API ignores limits that do not exist)."""
+    async with get_client() as prefect:
+        try:
+            await prefect.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            with contextlib.suppress(ObjectAlreadyExists):
+                await prefect.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+
+
+class Helm:
+    """The helm CLI for one release, with the flags every call needs."""
+
+    def __init__(self, release: ReleaseSpec, binary: str, kubeconfig: str | None) -> None:
+        self.release, self.binary = release, binary
+        self._common = ["--namespace", release.namespace, *(["--kubeconfig", kubeconfig] if kubeconfig else [])]
+
+    async def revision(self) -> int | None:
+        """The release's current revision, or None when it is not installed."""
+        try:
+            status = json.loads(await run_helm([self.binary, "status", self.release.name, *self._common,
+                                                "--output", "json"], 60))
+        except DeployFailed as exc:
+            if "not found" in str(exc):
+                return None
+            raise
+        return status["version"]
+
+    async def template(self, argv: list[str]) -> str:
+        """The manifest an upgrade with these arguments would apply."""
+        upgrade = argv.index("upgrade")
+        template = [self.binary, "template", *argv[upgrade + 2:]]
+        flags = {"--wait", "--create-namespace", "--rollback-on-failure", "--atomic"}
+        template = [a for a in template if a not in flags]
+        timeout = template.index("--timeout")
+        del template[timeout:timeout + 2]
+        return await run_helm(template, 120)
+
+    async def restore(self, previous: int | None) -> None:
+        if previous is None:
+            await run_helm([self.binary, "uninstall", self.release.name, *self._common, "--wait"], 300)
+        else:
+            await run_helm([self.binary, "rollback", self.release.name, str(previous), *self._common, "--wait",
+                            "--timeout", f"{self.release.timeout_seconds}s"], self.release.timeout_seconds + 60)
 
 
 async def upgrade_release(
     release: ReleaseSpec,
     *,
+    api,
     repo_root: Path,
     image_repository: str,
     image_tag: str,
     kubeconfig: str | None,
+    secret_values: dict[str, SecretStr] | None = None,
 ) -> DeployedRelease:
-    helm = helm_binary()
-    argv = helm_upgrade_argv(
-        release,
-        repo_root=repo_root,
-        image_repository=image_repository,
-        image_tag=image_tag,
-        helm=helm,
-        helm_version=await helm_version(helm),
-        kubeconfig=kubeconfig,
-    )
-    try:
-        await _run(argv, release.timeout_seconds + 60)
-    except DeployFailed as exc:
-        raise DeployFailed(f"release {release.namespace}/{release.name}: {exc}") from None
-    status_argv = [helm, "status", release.name, "--namespace", release.namespace, "--output", "json"]
-    if kubeconfig:
-        status_argv += ["--kubeconfig", kubeconfig]
-    status = json.loads(await _run(status_argv, 60))
-    return DeployedRelease(
-        name=release.name,
-        namespace=release.namespace,
-        revision=status["version"],
-        image=f"{image_repository}:{image_tag}",
-    )
+    """Upgrade (or install) the release, verify its rollout, and leave the previous revision running on failure."""
+    helm = Helm(release, helm_binary(), kubeconfig)
+    version = await helm_version(helm.binary)
+    lock = release_lock_name(release)
+    await ensure_release_lock(lock)
+    with secret_values_file(secret_values or {}) as values_file:
+        argv = helm_upgrade_argv(release, repo_root=repo_root, image_repository=image_repository,
+                                 image_tag=image_tag, helm=helm.binary, helm_version=version,
+                                 kubeconfig=kubeconfig, secret_values_file=values_file)
+        deployments = manifest_deployments(await helm.template(argv), release.namespace)
+        async with concurrency(lock, occupy=1, lease_duration=release.timeout_seconds + 120):
+            previous = await helm.revision()
+            with PodProblemRecorder(api, deployments) as problems:
+                try:
+                    await run_helm(argv, release.timeout_seconds + 60)
+                    await verify_rollout(api, deployments, release.timeout_seconds)
+                except (DeployFailed, RolloutFailed) as exc:
+                    if isinstance(exc, RolloutFailed):
+                        await helm.restore(previous)
+                    current = await helm.revision()
+                    raise DeployFailed(_failure_message(release, exc, previous, current, problems.describe())) from None
+            revision = await helm.revision()
+    return DeployedRelease(name=release.name, namespace=release.namespace, revision=revision,
+                           image=f"{image_repository}:{image_tag}")
+
+
+def _failure_message(release: ReleaseSpec, error: Exception, previous: int | None, current: int | None,
+                     pods: str) -> str:
+    """`release ns/name: revision 3 failed (<reason>); running revision 4, a rollback to revision 2`."""
+    reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    attempted = f"revision {(previous or 0) + 1} failed ({reason})"
+    if current is None:
+        state = "the release is not installed"
+    elif current == previous:
+        state = f"still on revision {previous}"
+    else:
+        state = f"running revision {current}, a rollback to revision {previous}"
+    return f"release {release.namespace}/{release.name}: {attempted}; {state}" + (f"\n{pods}" if pods else "")

@@ -169,6 +169,7 @@ async def deploy_component(
     source: SourceCheckout,
     *,
     dependencies: list[ComponentResult],
+    api,
     kubeconfig: str | None,
     result: ComponentResult,
 ) -> None:
@@ -178,9 +179,10 @@ async def deploy_component(
         result.outcome, result.error = "skipped", f"not deployed because {', '.join(blocked)} did not deploy"
         return
     with timed(result.seconds, "deploy"):
+        secret_values = await tasks.read_release_secrets(component.release)
         result.release = await tasks.deploy_release(
-            component.release, repo_root=source.path, image_repository=result.image.repository,
-            image_tag=result.image.pinned_tag, kubeconfig=kubeconfig,
+            component.release, api=api, repo_root=source.path, image_repository=result.image.repository,
+            image_tag=result.image.pinned_tag, kubeconfig=kubeconfig, secret_values=secret_values,
         )
     result.outcome = "deployed"
 
@@ -251,7 +253,7 @@ async def build_and_deploy(
                     await finished[name].wait()
                 await deploy_component(
                     component, source, dependencies=[results[name] for name in dependencies],
-                    kubeconfig=kubeconfig, result=result,
+                    api=api, kubeconfig=kubeconfig, result=result,
                 )
         except Exception as exc:  # noqa: BLE001 - one component's failure must not stop the others
             result.outcome, result.error = "failed", f"{type(exc).__name__}: {exc}"

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
 from prefect import task
+from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
 from prefect_aws import AwsCredentials
+from pydantic import SecretStr
 
 from flows import build, build_run, deploy, package, plan, registry_auth, source, upload
-from flows.config import BuildSecretSpec
+from flows.config import BuildSecretSpec, ReleaseSpec
 from flows.kube import is_transient_api_error
 
 
@@ -86,6 +88,12 @@ async def run_build(api, **kwargs) -> build.BuiltImage:
     return await build_run.run_build(api, **kwargs)
 
 
+@task(name="release-secrets", retries=2, timeout_seconds=60, persist_result=False, **STAGE)
+async def read_release_secrets(release: ReleaseSpec) -> dict[str, SecretStr]:
+    """The release's `set_secret` values, from Prefect Secret blocks."""
+    return {key: SecretStr(str((await Secret.aload(block)).get())) for key, block in release.set_secret.items()}
+
+
 @task(name="deploy", cache_policy=NO_CACHE)
-async def deploy_release(release, **kwargs) -> deploy.DeployedRelease:
+async def deploy_release(release: ReleaseSpec, **kwargs) -> deploy.DeployedRelease:
     return await deploy.upgrade_release(release, **kwargs)

@@ -1,0 +1,155 @@
+"""Deploy stage, the status checker: did every Deployment of a release really roll out, and if not, why.
+
+helm's own wait says "not ready"; this says which Pod is stuck and on what
+(ImagePullBackOff, CrashLoopBackOff with its last log lines), read from the
+Kubernetes API while helm waits, before a rollback removes the evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import yaml
+from kubernetes_asyncio import client, watch
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from flows.kube import as_dict
+
+PROBLEM_REASONS = {"ImagePullBackOff", "ErrImagePull", "CrashLoopBackOff", "CreateContainerConfigError",
+                   "InvalidImageName", "RunContainerError", "OOMKilled", "Error"}
+CRASH_LOG_LINES = 20
+
+
+class RolloutFailed(RuntimeError):
+    pass
+
+
+def manifest_deployments(manifest: str, default_namespace: str) -> list[tuple[str, str]]:
+    """(namespace, name) of every Deployment in a rendered helm manifest."""
+    found = []
+    for document in yaml.safe_load_all(manifest):
+        if isinstance(document, dict) and document.get("kind") == "Deployment":
+            meta = document.get("metadata") or {}
+            found.append((meta.get("namespace") or default_namespace, meta["name"]))
+    return found
+
+
+def rollout_state(deployment: dict) -> str | None:
+    """None when the Deployment's current template is fully rolled out, else what it is waiting for."""
+    spec, status = deployment.get("spec") or {}, deployment.get("status") or {}
+    meta = deployment["metadata"]
+    wanted = spec.get("replicas", 1)
+    if status.get("observedGeneration", 0) < meta.get("generation", 1):
+        return "the controller has not seen the new template yet"
+    if status.get("updatedReplicas", 0) < wanted:
+        return f"{status.get('updatedReplicas', 0)} of {wanted} replicas updated"
+    if status.get("replicas", 0) > status.get("updatedReplicas", 0):
+        return f"{status.get('replicas', 0) - status.get('updatedReplicas', 0)} old replicas still running"
+    if status.get("availableReplicas", 0) < wanted:
+        return f"{status.get('availableReplicas', 0)} of {wanted} replicas available"
+    return None
+
+
+async def verify_rollout(api: client.ApiClient, deployments: list[tuple[str, str]], timeout: float) -> None:
+    """Wait until every Deployment has rolled out; raise RolloutFailed naming those that did not."""
+    apps = client.AppsV1Api(api)
+    deadline = time.monotonic() + timeout
+    for namespace, name in deployments:
+        waiting_for = "not found"
+        while time.monotonic() < deadline:
+            try:
+                deployment = as_dict(api, await apps.read_namespaced_deployment(name, namespace))
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                deployment = None
+            waiting_for = rollout_state(deployment) if deployment else "not found"
+            if waiting_for is None:
+                break
+            await _wait_for_change(api, namespace, name, deadline)
+        else:
+            raise RolloutFailed(f"Deployment {namespace}/{name} did not roll out: {waiting_for}")
+
+
+async def _wait_for_change(api: client.ApiClient, namespace: str, name: str, deadline: float) -> None:
+    """Block until the Deployment changes (or a short while passes)."""
+    remaining = max(1, min(int(deadline - time.monotonic()), 10))
+    async with watch.Watch() as stream:
+        async for _ in stream.stream(client.AppsV1Api(api).list_namespaced_deployment, namespace,
+                                     field_selector=f"metadata.name={name}", timeout_seconds=remaining):
+            return
+
+
+def _owned_by_deployment(pod: dict, deployments: set[str]) -> bool:
+    """Pods belong to a Deployment through a ReplicaSet named `<deployment>-<template hash>`."""
+    for owner in pod["metadata"].get("ownerReferences") or []:
+        if owner.get("kind") == "ReplicaSet" and owner["name"].rsplit("-", 1)[0] in deployments:
+            return True
+    return False
+
+
+def container_problems(pod: dict) -> list[str]:
+    problems = []
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        state = status.get("state") or {}
+        last = (status.get("lastState") or {}).get("terminated") or {}
+        for detail in (state.get("waiting"), state.get("terminated"), last):
+            if detail and detail.get("reason") in PROBLEM_REASONS:
+                message = detail.get("message") or (f"exit code {detail['exitCode']}" if "exitCode" in detail else "")
+                problems.append(f"{status['name']}: {detail['reason']}" + (f": {message}" if message else ""))
+                break
+    return problems
+
+
+class PodProblemRecorder:
+    """Watches a release's Pods while helm waits and keeps what went wrong with each."""
+
+    def __init__(self, api: client.ApiClient, deployments: list[tuple[str, str]]) -> None:
+        self._api = api
+        self._deployments = deployments
+        self.problems: dict[str, list[str]] = {}
+        self.crash_logs: dict[str, str] = {}
+        self._task: asyncio.Task | None = None
+
+    def __enter__(self) -> PodProblemRecorder:
+        namespaces = {namespace for namespace, _ in self._deployments}
+        self._task = asyncio.gather(*(self._watch(namespace) for namespace in namespaces))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def _watch(self, namespace: str) -> None:
+        names = {name for ns, name in self._deployments if ns == namespace}
+        core = client.CoreV1Api(self._api)
+        while True:
+            try:
+                async with watch.Watch() as stream:
+                    async for event in stream.stream(core.list_namespaced_pod, namespace, timeout_seconds=60):
+                        pod = as_dict(self._api, event["object"])
+                        if _owned_by_deployment(pod, names):
+                            await self._record(core, namespace, pod)
+            except ApiException:
+                await asyncio.sleep(1)
+
+    async def _record(self, core: client.CoreV1Api, namespace: str, pod: dict) -> None:
+        name = pod["metadata"]["name"]
+        problems = container_problems(pod)
+        if not problems:
+            return
+        self.problems[name] = problems
+        if any("CrashLoopBackOff" in p for p in problems) and name not in self.crash_logs:
+            try:
+                self.crash_logs[name] = await core.read_namespaced_pod_log(
+                    name, namespace, tail_lines=CRASH_LOG_LINES, previous=True)
+            except ApiException:
+                self.crash_logs[name] = ""
+
+    def describe(self) -> str:
+        lines = [f"{pod}: {'; '.join(problems)}" for pod, problems in sorted(self.problems.items())]
+        for pod, log in sorted(self.crash_logs.items()):
+            if log.strip():
+                lines.append(f"--- last log lines of {pod} ---\n{log.rstrip()}")
+        return "\n".join(lines)
