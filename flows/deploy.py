@@ -223,7 +223,7 @@ async def upgrade_release(
         deployments = manifest_deployments(await helm.template(argv), release.namespace)
         async with concurrency(lock, occupy=1, lease_duration=release.timeout_seconds + 120):
             previous = await helm.revision()
-            with PodProblemRecorder(api, deployments) as problems:
+            async with PodProblemRecorder(api, deployments) as problems:
                 try:
                     await run_helm(argv, release.timeout_seconds + 60)
                     await verify_rollout(api, deployments, release.timeout_seconds)

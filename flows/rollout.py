@@ -8,6 +8,7 @@ Kubernetes API while helm waits, before a rollback removes the evidence.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import yaml
@@ -112,14 +113,15 @@ class PodProblemRecorder:
         self.crash_logs: dict[str, str] = {}
         self._task: asyncio.Task | None = None
 
-    def __enter__(self) -> PodProblemRecorder:
+    async def __aenter__(self) -> PodProblemRecorder:
         namespaces = {namespace for namespace, _ in self._deployments}
         self._task = asyncio.gather(*(self._watch(namespace) for namespace in namespaces))
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._task:
-            self._task.cancel()
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
 
     async def _watch(self, namespace: str) -> None:
         names = {name for ns, name in self._deployments if ns == namespace}
