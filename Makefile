@@ -1,4 +1,4 @@
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo serve bench clean
 
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 # the first start of the local Prefect server migrates its SQLite database, which takes longer than the default 20 s
@@ -13,6 +13,10 @@ test: setup
 
 demo: setup
 	$(PYTHON) -m sandbox.demo
+
+serve: setup
+	@mkdir -p $(PREFECT_HOME)
+	@bash scripts/serve-sandbox.sh
 
 bench: setup
 	$(PYTHON) -m bench.package_bench

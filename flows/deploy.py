@@ -20,13 +20,11 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.asyncio import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from flows.config import ReleaseSpec
+from flows.limits import ensure_limit
 from flows.rollout import PodProblemRecorder, RolloutFailed, manifest_deployments, verify_rollout
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -155,16 +153,6 @@ def release_lock_name(release: ReleaseSpec) -> str:
     return f"helm-release-{release.namespace}-{release.name}"
 
 
-async def ensure_release_lock(name: str) -> None:
-    """A global concurrency limit of 1 for this release (the concurrency API ignores limits that do not exist)."""
-    async with get_client() as prefect:
-        try:
-            await prefect.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            with contextlib.suppress(ObjectAlreadyExists):
-                await prefect.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-
-
 class Helm:
     """The helm CLI for one release, with the flags every call needs."""
 
@@ -215,7 +203,7 @@ async def upgrade_release(
     helm = Helm(release, helm_binary(), kubeconfig)
     version = await helm_version(helm.binary)
     lock = release_lock_name(release)
-    await ensure_release_lock(lock)
+    await ensure_limit(lock, 1)
     with secret_values_file(secret_values or {}) as values_file:
         argv = helm_upgrade_argv(release, repo_root=repo_root, image_repository=image_repository,
                                  image_tag=image_tag, helm=helm.binary, helm_version=version,

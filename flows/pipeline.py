@@ -1,47 +1,62 @@
 """The `build-and-deploy` flow: source → package → upload → registry auth → build → deploy → report.
 
-Components build concurrently; a release waits for the releases named in its
-`after:`, and is skipped when one of them failed. The run fails, naming the
-failed components, unless every selected component was built and deployed.
+Every component is packaged first (a bad context stops the run before anything
+remote happens). Then components build concurrently, at most
+`max_parallel_builds` at once in this run and at most the global `buildkit`
+concurrency limit across runs; one component's failure does not stop the
+others. A release waits for the releases named in its `after:` and is skipped
+when one of them failed. The run fails, naming the failed components, unless
+every selected component was built (or reused) and deployed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, AsyncIterator, Literal
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import acreate_table_artifact
-from prefect.runtime import flow_run
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.concurrency.asyncio import concurrency
+from prefect.events import emit_event
+from prefect.runtime import deployment, flow_run
 from prefect_aws import AwsCredentials
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from blocks.target import BuildKitPipelineTarget
 from flows import tasks
 from flows.build import BuiltImage
 from flows.build_run import delete_run_objects
 from flows.config import ComponentSpec, ConfigError, PipelineConfig, load_config
 from flows.deploy import DeployedRelease
-from flows.kube import kube_api
-from flows.package import PackagedContext
 from flows.diagnose import explain_failure
+from flows.kube import kube_api
+from flows.limits import ensure_limit, previous_table
+from flows.package import PackagedContext
 from flows.plan import plan_component, prepare_source, select
 from flows.progress import ProgressTracker, step_table
+from flows.report import format_timing, timeline_markdown, timing_rows
 from flows.source import SourceCheckout
 
 STAGES = ("package", "upload", "registry-auth", "build", "deploy")
+BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT = "buildkit", 10
+RUN_STARTED: ContextVar[float] = ContextVar("run_started", default=0.0)
 
 
 class ComponentResult(BaseModel):
     name: str
-    outcome: Literal["deployed", "built", "unchanged", "failed", "skipped"] = "failed"
+    outcome: Literal["deployed", "built", "unchanged", "planned", "failed", "skipped"] = "failed"
     archive_sha256: str | None = None
     context_uploaded: bool | None = None
     image: BuiltImage | None = None
     release: DeployedRelease | None = None
     seconds: dict[str, float] = {}
+    spans: dict[str, tuple[float, float]] = {}
     error: str | None = None
     steps: list[dict] = []
     cache_hits: tuple[int, int] | None = None
@@ -63,21 +78,28 @@ class PipelineFailed(RuntimeError):
 
 
 @contextmanager
-def timed(seconds: dict[str, float], stage: str):
+def timed(result: ComponentResult, stage: str):
+    """Record a stage's duration, and its start and end in seconds since the run started."""
     started = time.perf_counter()
     try:
         yield
     finally:
-        seconds[stage] = round(time.perf_counter() - started, 3)
+        ended = time.perf_counter()
+        result.seconds[stage] = round(ended - started, 3)
+        result.spans[stage] = (round(started - RUN_STARTED.get(), 3), round(ended - RUN_STARTED.get(), 3))
 
 
-async def _aws_credentials(given: AwsCredentials | None, config: PipelineConfig) -> AwsCredentials:
-    if given is not None:
-        return given
-    try:
-        return await AwsCredentials.aload("buildkit-pipeline")
-    except ValueError:
-        return AwsCredentials(region_name=config.aws.region)
+@contextlib.asynccontextmanager
+async def connection(
+    target: str | None, aws_credentials: AwsCredentials | None, kubeconfig: str | None, config: PipelineConfig
+) -> AsyncIterator[tuple[AwsCredentials, str | None]]:
+    """AWS credentials and a kubeconfig path: given directly, from a target block, or the defaults."""
+    if target:
+        block = await BuildKitPipelineTarget.aload(target)
+        async with block.kubeconfig() as path:
+            yield aws_credentials or block.aws_credentials, kubeconfig or path
+    else:
+        yield aws_credentials or AwsCredentials(region_name=config.aws.region), kubeconfig
 
 
 async def package_all(
@@ -90,7 +112,7 @@ async def package_all(
     """
 
     async def package(component: ComponentSpec) -> PackagedContext:
-        with timed(results[component.name].seconds, "package"):
+        with timed(results[component.name], "package"):
             archive = await tasks.package_component(config, component, source)
         results[component.name].archive_sha256 = archive.sha256
         return archive
@@ -105,107 +127,141 @@ async def package_all(
     return {c.name: archive for c, archive in zip(selected, archives)}
 
 
-async def build_component(
-    config: PipelineConfig,
-    component: ComponentSpec,
-    source: SourceCheckout,
-    archive: PackagedContext,
-    *,
-    credentials: AwsCredentials,
-    api,
-    result: ComponentResult,
-    skip_unchanged: bool = False,
-    no_cache: bool = False,
-) -> None:
-    """upload → registry auth → build, for one packaged component; or reuse the image of an identical context."""
-    logger = get_run_logger()
-    run_id = str(flow_run.id or "local")
-    if skip_unchanged:
-        image = plan_component(config, component, source, archive, run_id=run_id).image
-        with timed(result.seconds, "build"):
-            result.image = await tasks.reuse_unchanged(credentials, config.registry, image)
-        if result.image:
-            result.outcome = "unchanged"
-            logger.info("%s: context unchanged, reusing %s@%s", component.name, image.repository, result.image.digest)
-            return
-    with timed(result.seconds, "upload"):
-        uploaded = await tasks.upload_context(
-            archive, credentials, bucket=config.aws.bucket, prefix=config.aws.prefix,
-            component=component.name, ttl_seconds=config.aws.presign_ttl_seconds,
-        )
-    result.context_uploaded = uploaded.uploaded
-    logger.info("%s: context %s (%s bytes)", component.name, uploaded.describe(), archive.bytes)
-    plan = plan_component(config, component, source, archive, run_id=run_id,
-                          context_url=uploaded.url.get_secret_value(), no_cache=no_cache)
-    with timed(result.seconds, "registry-auth"):
-        token = await tasks.mint_registry_token(credentials, config.registry)
-    secret_values = await tasks.read_build_secrets(credentials, component.secrets)
-    progress = ProgressTracker()
+@dataclass
+class Run:
+    """One flow run's shared state: what to build, where, and how far each component got."""
 
-    def log_line(line: str) -> None:
-        for readable in progress.feed(line):
-            logger.info("%s | %s", component.name, readable)
+    config: PipelineConfig
+    source: SourceCheckout
+    archives: dict[str, PackagedContext]
+    results: dict[str, ComponentResult]
+    credentials: AwsCredentials
+    api: object
+    kubeconfig: str | None
+    skip_unchanged: bool
+    no_cache: bool
+    build_slots: asyncio.Semaphore
+    finished: dict[str, asyncio.Event] = field(default_factory=dict)
 
-    with timed(result.seconds, "build"):
+    @property
+    def run_id(self) -> str:
+        return str(flow_run.id or "local")
+
+    async def component(self, component: ComponentSpec, deploy: bool) -> None:
+        result = self.results[component.name]
         try:
-            result.image = await tasks.run_build(
-                api, component=component.name, request=plan.request, token=token, secret_values=secret_values,
-                on_log_line=log_line, explain=explain_failure,
-            )
+            await self.build(component, result)
+            if deploy and component.release:
+                await self.deploy(component, result)
+        except Exception as exc:  # noqa: BLE001 - one component's failure must not stop the others
+            result.outcome, result.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
-            result.steps = step_table(progress.steps())
-            result.cache_hits = progress.cache_hits()
-            if result.steps:
-                await acreate_table_artifact(
-                    key=f"build-steps-{component.name}", table=result.steps,
-                    description=f"BuildKit steps of {component.name}: seconds, cache hits, errors",
-                )
-    result.outcome = "built"
-    logger.info("%s: pushed %s@%s", component.name, plan.image.repository, result.image.digest)
+            self.finished[component.name].set()
 
-
-async def deploy_component(
-    component: ComponentSpec,
-    source: SourceCheckout,
-    *,
-    dependencies: list[ComponentResult],
-    api,
-    kubeconfig: str | None,
-    result: ComponentResult,
-) -> None:
-    """Upgrade the component's release with the image it just built, unless a release it comes after failed."""
-    blocked = [d.name for d in dependencies if d.outcome != "deployed"]
-    if blocked:
-        result.outcome, result.error = "skipped", f"not deployed because {', '.join(blocked)} did not deploy"
-        return
-    with timed(result.seconds, "deploy"):
-        secret_values = await tasks.read_release_secrets(component.release)
-        result.release = await tasks.deploy_release(
-            component.release, api=api, repo_root=source.path, image_repository=result.image.repository,
-            image_tag=result.image.pinned_tag, kubeconfig=kubeconfig, secret_values=secret_values,
+    async def build(self, component: ComponentSpec, result: ComponentResult) -> None:
+        """upload → registry auth → build; or reuse the image of an identical context."""
+        logger = get_run_logger()
+        archive = self.archives[component.name]
+        if self.skip_unchanged:
+            image = plan_component(self.config, component, self.source, archive, run_id=self.run_id).image
+            with timed(result, "build"):
+                result.image = await tasks.reuse_unchanged(self.credentials, self.config.registry, image)
+            if result.image:
+                result.outcome = "unchanged"
+                logger.info("%s: context unchanged, reusing %s@%s", component.name, image.repository,
+                            result.image.digest)
+                return
+        async with self.build_slots, concurrency(BUILDKIT_LIMIT, occupy=1, lease_duration=600):
+            await self._build_in_cluster(component, result, archive)
+        emit_event(
+            event="buildkit.image.pushed",
+            resource={"prefect.resource.id": f"ecr.image.{result.image.repository}@{result.image.digest}",
+                      "prefect.resource.name": f"{result.image.repository}:{result.image.tags[0]}"},
+            payload={"component": component.name, "digest": result.image.digest, "tags": result.image.tags,
+                     "commit": self.source.commit},
         )
-    result.outcome = "deployed"
+
+    async def _build_in_cluster(self, component: ComponentSpec, result: ComponentResult,
+                                archive: PackagedContext) -> None:
+        logger = get_run_logger()
+        config = self.config
+        with timed(result, "upload"):
+            uploaded = await tasks.upload_context(
+                archive, self.credentials, bucket=config.aws.bucket, prefix=config.aws.prefix,
+                component=component.name, ttl_seconds=config.aws.presign_ttl_seconds,
+            )
+        result.context_uploaded = uploaded.uploaded
+        logger.info("%s: context %s (%s bytes)", component.name, uploaded.describe(), archive.bytes)
+        plan = plan_component(config, component, self.source, archive, run_id=self.run_id,
+                              context_url=uploaded.url.get_secret_value(), no_cache=self.no_cache)
+        with timed(result, "registry-auth"):
+            token = await tasks.mint_registry_token(self.credentials, config.registry)
+        secret_values = await tasks.read_build_secrets(self.credentials, component.secrets)
+        progress = ProgressTracker()
+
+        def log_line(line: str) -> None:
+            for readable in progress.feed(line):
+                logger.info("%s | %s", component.name, readable)
+
+        with timed(result, "build"):
+            try:
+                result.image = await tasks.run_build(
+                    self.api, component=component.name, request=plan.request, token=token,
+                    secret_values=secret_values, on_log_line=log_line, explain=explain_failure,
+                )
+            finally:
+                result.steps, result.cache_hits = step_table(progress.steps()), progress.cache_hits()
+                if result.steps:
+                    await acreate_table_artifact(
+                        key=f"build-steps-{component.name}", table=result.steps,
+                        description=f"BuildKit steps of {component.name}: seconds, cache hits, errors",
+                    )
+        result.outcome = "built"
+        logger.info("%s: pushed %s@%s", component.name, plan.image.repository, result.image.digest)
+
+    async def deploy(self, component: ComponentSpec, result: ComponentResult) -> None:
+        """Upgrade the release with the image just built, after the releases it comes after."""
+        owners = {c.release.name: c.name for c in self.config.components if c.release and c.name in self.results}
+        dependencies = [owners[name] for name in component.release.after if name in owners]
+        for name in dependencies:
+            await self.finished[name].wait()
+        blocked = [name for name in dependencies if self.results[name].outcome != "deployed"]
+        if blocked:
+            result.outcome, result.error = "skipped", f"not deployed because {', '.join(blocked)} did not deploy"
+            return
+        with timed(result, "deploy"):
+            secret_values = await tasks.read_release_secrets(component.release)
+            result.release = await tasks.deploy_release(
+                component.release, api=self.api, repo_root=self.source.path,
+                image_repository=result.image.repository, image_tag=result.image.pinned_tag,
+                kubeconfig=self.kubeconfig, secret_values=secret_values,
+            )
+        result.outcome = "deployed"
+        emit_event(
+            event="helm.release.upgraded",
+            resource={"prefect.resource.id": f"helm.release.{result.release.namespace}.{result.release.name}",
+                      "prefect.resource.name": result.release.name},
+            payload={"component": component.name, "revision": result.release.revision,
+                     "image": result.release.image, "commit": self.source.commit},
+        )
 
 
-async def _report(result: PipelineResult) -> None:
-    rows = [
-        {"component": c.name, "outcome": c.outcome, **{s: c.seconds.get(s, "") for s in STAGES},
-         "digest": c.image.digest if c.image else "", "revision": c.release.revision if c.release else ""}
-        for c in result.components
-    ]
-    await acreate_table_artifact(key="build-and-deploy-timing", table=rows,
-                                 description=f"Per-stage seconds for commit {result.commit[:12]}")
+def release_order(config: PipelineConfig) -> dict[str, list[str]]:
+    """Component name -> the components whose releases it deploys after."""
+    owners = {c.release.name: c.name for c in config.components if c.release}
+    return {c.name: [owners[r] for r in (c.release.after if c.release else [])] for c in config.components}
+
+
+async def report(result: PipelineResult, config: PipelineConfig) -> None:
+    """Timing table and critical-path chart as artifacts, compared with the previous run of this deployment."""
+    key = f"build-and-deploy-timing-{deployment.name}" if deployment.name else "build-and-deploy-timing"
+    previous = await previous_table(key)
+    await acreate_table_artifact(key=key, table=timing_rows(result),
+                                 description=f"Seconds per component and stage, commit {result.commit[:12]}")
+    await acreate_markdown_artifact(key=key.replace("timing", "critical-path"),
+                                    markdown=timeline_markdown(result, release_order(config), previous),
+                                    description="Critical path of the run, and the change since the last run")
     get_run_logger().info("stage timing:\n%s", format_timing(result))
-
-
-def format_timing(result: PipelineResult) -> str:
-    header = ["component", *STAGES, "outcome"]
-    lines = [header] + [
-        [c.name, *(f"{c.seconds[s]:.2f}" if s in c.seconds else "-" for s in STAGES), c.outcome]
-        for c in result.components
-    ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 
 async def clean_up_run(flow, run, state) -> None:
@@ -215,56 +271,47 @@ async def clean_up_run(flow, run, state) -> None:
         config = load_config(Path(parameters["config"]))
     except (KeyError, ConfigError):
         return
-    async with kube_api(parameters.get("kubeconfig")) as api:
-        deleted = await delete_run_objects(api, config.build.namespace, str(run.id))
+    async with connection(parameters.get("target"), None, parameters.get("kubeconfig"), config) as (_, kubeconfig):
+        async with kube_api(kubeconfig) as api:
+            deleted = await delete_run_objects(api, config.build.namespace, str(run.id))
     get_run_logger().info("deleted %d build objects of run %s", deleted, run.name)
 
 
 @flow(name="build-and-deploy", on_cancellation=[clean_up_run], on_crashed=[clean_up_run])
 async def build_and_deploy(
-    config: str,
-    ref: str | None = None,
-    components: list[str] | None = None,
-    deploy: bool = True,
-    skip_unchanged: bool = False,
-    no_cache: bool = False,
+    config: Annotated[str, Field(description="the pipeline file, a path on the worker")],
+    components: Annotated[list[str] | None, Field(description="components to run; all when empty")] = None,
+    ref: Annotated[str | None, Field(description="branch, tag or commit; the file's source.ref when empty")] = None,
+    skip_unchanged: Annotated[bool, Field(description="reuse the image of a context built before")] = False,
+    no_cache: Annotated[bool, Field(description="build without importing the registry cache")] = False,
+    deploy: Annotated[bool, Field(description="roll out the releases after building")] = True,
+    dry_run: Annotated[bool, Field(description="package and plan only: nothing uploaded, built or deployed")] = False,
+    max_parallel_builds: Annotated[int, Field(ge=1, le=50, description="builds at once in this run")] = 4,
+    target: Annotated[str | None, Field(description="a BuildKit Pipeline Target block: account and cluster")] = None,
     aws_credentials: AwsCredentials | None = None,
     kubeconfig: str | None = None,
 ) -> PipelineResult:
     """Build every selected component with BuildKit in the cluster and roll out its helm release."""
     started = time.perf_counter()
+    RUN_STARTED.set(started)
     pipeline, source = await asyncio.to_thread(prepare_source, Path(config), ref)
     selected = select(pipeline, components)
     results = {c.name: ComponentResult(name=c.name) for c in selected}
     archives = await package_all(pipeline, selected, source, results)
-    credentials = await _aws_credentials(aws_credentials, pipeline)
-    finished = {c.name: asyncio.Event() for c in selected}
-    owner = {c.release.name: c.name for c in selected if c.release}
-
-    async def run_component(component: ComponentSpec) -> None:
-        result = results[component.name]
-        try:
-            await build_component(pipeline, component, source, archives[component.name],
-                                  credentials=credentials, api=api, result=result,
-                                  skip_unchanged=skip_unchanged, no_cache=no_cache)
-            if deploy and component.release:
-                dependencies = [owner[name] for name in component.release.after if name in owner]
-                for name in dependencies:
-                    await finished[name].wait()
-                await deploy_component(
-                    component, source, dependencies=[results[name] for name in dependencies],
-                    api=api, kubeconfig=kubeconfig, result=result,
-                )
-        except Exception as exc:  # noqa: BLE001 - one component's failure must not stop the others
-            result.outcome, result.error = "failed", f"{type(exc).__name__}: {exc}"
-        finally:
-            finished[component.name].set()
-
-    async with kube_api(kubeconfig) as api:
-        await asyncio.gather(*(run_component(c) for c in selected))
+    if dry_run:
+        for component in selected:
+            results[component.name].outcome = "planned"
+    else:
+        await ensure_limit(BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT)
+        async with connection(target, aws_credentials, kubeconfig, pipeline) as (credentials, kube_path):
+            async with kube_api(kube_path) as api:
+                run = Run(pipeline, source, archives, results, credentials, api, kube_path, skip_unchanged,
+                          no_cache, asyncio.Semaphore(max_parallel_builds),
+                          finished={c.name: asyncio.Event() for c in selected})
+                await asyncio.gather(*(run.component(c, deploy) for c in selected))
     result = PipelineResult(commit=source.commit, ref=source.ref, components=list(results.values()),
                             seconds={"total": round(time.perf_counter() - started, 3)})
-    await _report(result)
+    await report(result, pipeline)
     if failed := result.failed:
         raise PipelineFailed("; ".join(f"{c.name}: {c.error}" for c in failed))
     return result

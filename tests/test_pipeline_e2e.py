@@ -107,9 +107,11 @@ def test_first_run_builds_pushes_and_deploys_the_exact_image(prefect_server, san
         assert component.outcome == "deployed"
         assert set(component.seconds) == {"package", "upload", "registry-auth", "build", "deploy"}
         assert all(seconds > 0 for seconds in component.seconds.values())
-    rows = {row["component"]: row for row in timing_artifact(state.state_details.flow_run_id)}
-    assert set(rows) == {MCP, AGENT}
-    assert rows[MCP]["digest"] == mcp.image.digest and rows[MCP]["build"] == mcp.seconds["build"]
+    rows = {(row["component"], row["stage"]): row for row in timing_artifact(state.state_details.flow_run_id)}
+    assert set(rows) == {(c, s) for c in (MCP, AGENT) for s in ("package", "upload", "registry-auth", "build", "deploy")}
+    assert rows[(MCP, "build")]["digest"] == mcp.image.digest
+    assert rows[(MCP, "build")]["seconds"] == mcp.seconds["build"]
+    assert rows[(MCP, "deploy")]["revision"] == 1
 
 
 def test_agent_deploys_after_its_mcp_server(prefect_server, sandbox, example_app):

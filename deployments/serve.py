@@ -1,0 +1,46 @@
+"""Serve the `nightly` and `on-demand` deployments from one process: the single-box way to run the pipeline.
+
+    python -m deployments.serve --config buildkit-pipeline.yaml --target production
+
+Schedules stay active when the process stops (`pause_on_shutdown=False`), so a
+restart of the box does not silently end the nightly rebuild.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prefect import serve
+
+from flows.pipeline import build_and_deploy
+
+NIGHTLY_CRON, NIGHTLY_TIMEZONE = "0 2 * * *", "Europe/Berlin"
+
+
+def deployments(config: str, target: str | None, cron: str = NIGHTLY_CRON, timezone: str = NIGHTLY_TIMEZONE):
+    parameters = {"config": str(Path(config).resolve()), "target": target}
+    nightly = build_and_deploy.to_deployment(
+        name="nightly", cron=cron, timezone=timezone,
+        parameters={**parameters, "skip_unchanged": False},
+        description="Full rebuild every night, to pick up new base images.",
+    )
+    on_demand = build_and_deploy.to_deployment(
+        name="on-demand", parameters={**parameters, "skip_unchanged": True},
+        description="Build and deploy from the UI or a script; reuses images of unchanged contexts.",
+    )
+    return nightly, on_demand
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the pipeline file")
+    parser.add_argument("--target", help="the BuildKit Pipeline Target block to build and deploy with")
+    parser.add_argument("--cron", default=NIGHTLY_CRON)
+    parser.add_argument("--timezone", default=NIGHTLY_TIMEZONE)
+    args = parser.parse_args(argv)
+    serve(*deployments(args.config, args.target, args.cron, args.timezone), pause_on_shutdown=False)
+
+
+if __name__ == "__main__":
+    main()
