@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from prefect import serve
+from prefect.schedules import Cron
 
 from flows.pipeline import build_and_deploy
 
@@ -21,7 +22,7 @@ NIGHTLY_CRON, NIGHTLY_TIMEZONE = "0 2 * * *", "Europe/Berlin"
 def deployments(config: str, target: str | None, cron: str = NIGHTLY_CRON, timezone: str = NIGHTLY_TIMEZONE):
     parameters = {"config": str(Path(config).resolve()), "target": target}
     nightly = build_and_deploy.to_deployment(
-        name="nightly", cron=cron, timezone=timezone,
+        name="nightly", schedules=[Cron(cron, timezone=timezone)],
         parameters={**parameters, "skip_unchanged": False},
         description="Full rebuild every night, to pick up new base images.",
     )

@@ -171,8 +171,7 @@ class Run:
                 logger.info("%s: context unchanged, reusing %s@%s", component.name, image.repository,
                             result.image.digest)
                 return
-        async with self.build_slots, concurrency(BUILDKIT_LIMIT, occupy=1, lease_duration=600):
-            await self._build_in_cluster(component, result, archive)
+        await self._build_in_cluster(component, result, archive)
         emit_event(
             event="buildkit.image.pushed",
             resource={"prefect.resource.id": f"ecr.image.{result.image.repository}@{result.image.digest}",
@@ -205,10 +204,11 @@ class Run:
 
         with timed(result, "build"):
             try:
-                result.image = await tasks.run_build(
-                    self.api, component=component.name, request=plan.request, token=token,
-                    secret_values=secret_values, on_log_line=log_line, explain=explain_failure,
-                )
+                async with self.build_slots, concurrency(BUILDKIT_LIMIT, occupy=1, lease_duration=600):
+                    result.image = await tasks.run_build(
+                        self.api, component=component.name, request=plan.request, token=token,
+                        secret_values=secret_values, on_log_line=log_line, explain=explain_failure,
+                    )
             finally:
                 result.steps, result.cache_hits = step_table(progress.steps()), progress.cache_hits()
                 if result.steps:

@@ -135,7 +135,8 @@ class SimulatedBuildKit:
             handle.log(f"error: sandbox buildkit: {type(exc).__name__}: {exc}")
             handle.terminate(1, message=f"error: {exc}")
             return
-        record["seconds"] = time.monotonic() - started
+        record["started"], record["ended"] = started, time.monotonic()
+        record["seconds"] = record["ended"] - started
         self.builds.append(record)
         handle.terminate(0, message=json.dumps(record["metadata"]))
 

@@ -1,0 +1,130 @@
+"""Operating the pipeline: served deployments run from scripts, prefect.yaml, parallel builds in order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
+
+from blocks.target import BuildKitPipelineTarget
+from flows.config import load_config
+from flows.pipeline import build_and_deploy
+from sandbox.example import commit_all
+from tests.conftest import REPO_ROOT
+
+MCP_REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/weather-mcp"
+
+
+def prefect_env() -> dict:
+    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
+def prefect(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "prefect"), *args], cwd=REPO_ROOT, env=prefect_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for_deployment(name: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            try:
+                client.read_deployment_by_name(name)
+                return
+            except ObjectNotFound:
+                time.sleep(0.5)
+    raise AssertionError(f"deployment {name} was not registered")
+
+
+@pytest.fixture
+def served(prefect_server, sandbox, example_app):
+    """`python -m deployments.serve` for the example app, with a target block pointing at the sandbox."""
+    target = f"sandbox-{example_app.config.build.namespace}"
+    BuildKitPipelineTarget(aws_credentials=example_app.flow_kwargs["aws_credentials"],
+                           kubeconfig_path=example_app.flow_kwargs["kubeconfig"]).save(target, overwrite=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deployments.serve", "--config", str(example_app.pipeline_file), "--target", target],
+        cwd=REPO_ROOT, env=prefect_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_deployment("build-and-deploy/on-demand")
+        yield example_app
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def test_three_components_build_in_parallel_and_agents_deploy_after_the_mcp_server(prefect_server, sandbox,
+                                                                                  example_app):
+    app = example_app
+    shutil.copytree(app.root / "agents/weather/agent", app.root / "agents/travel/agent")
+    shutil.copy(app.root / "manifests/helm/values/weather-agent.yaml", app.root / "manifests/helm/values/travel-agent.yaml")
+    text = app.pipeline_file.read_text()
+    agent_block = text[text.index("  - name: weather-agent"):]
+    travel = agent_block.replace("weather-agent", "travel-agent").replace("agents/weather/agent", "agents/travel/agent")
+    app.pipeline_file.write_text(text.replace("mode: privileged}", "mode: privileged, cache: none}") + travel)
+    commit_all(app.root, "A travel agent")
+    config = sandbox.prepare(load_config(app.pipeline_file))
+    repositories = {name: f"123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/{name}"
+                    for name in ("weather-mcp", "weather-agent", "travel-agent")}
+    seconds = {"weather-mcp": 58 / 20, "weather-agent": 134 / 20, "travel-agent": 139 / 20}
+    for name, repository in repositories.items():
+        sandbox.buildkit.build_seconds[repository] = seconds[name]
+    try:
+        state = asyncio.run(build_and_deploy(config=str(app.pipeline_file), **config, return_state=True))
+        result = state.result()
+    finally:
+        for repository in repositories.values():
+            sandbox.buildkit.build_seconds.pop(repository, None)
+
+    by_name = {c.name: c for c in result.components}
+    builds = {b["names"][0].split("/", 1)[1].split(":")[0].split("/")[1]: b for b in sandbox.buildkit.builds
+              if any(b["pod"].startswith(c.image.job) for c in result.components)}
+    assert set(builds) == set(repositories)
+    latest_start = max(b["started"] for b in builds.values())
+    earliest_end = min(b["ended"] for b in builds.values())
+    assert latest_start < earliest_end, f"the three builds did not overlap: {[c.spans for c in result.components]}"
+    mcp_deployed = by_name["weather-mcp"].spans["deploy"][1]
+    for agent in ("weather-agent", "travel-agent"):
+        assert by_name[agent].spans["deploy"][0] >= mcp_deployed
+        assert by_name[agent].outcome == "deployed"
+
+
+def test_a_script_run_of_the_served_deployment_exits_0_then_1_for_a_failing_component(served, sandbox):
+    run_script = [str(REPO_ROOT / "deployments" / "run.sh"), "on-demand", "--watch-timeout", "240"]
+    completed = subprocess.run(run_script, cwd=REPO_ROOT, env=prefect_env(), capture_output=True, text=True,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    release = served.config.component("weather-mcp").release
+    assert sandbox.kube.get("deployments", release.namespace, release.name) is not None
+
+    sandbox.buildkit.failures[MCP_REPOSITORY] = "failed to read dockerfile: open Dockerfile: no such file or directory"
+    try:
+        failed = subprocess.run([*run_script, "--param", "skip_unchanged=false"], cwd=REPO_ROOT, env=prefect_env(),
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        sandbox.buildkit.failures.pop(MCP_REPOSITORY)
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+
+
+def test_prefect_deploy_all_creates_the_nightly_schedule_and_on_demand(prefect_server):
+    created = prefect("work-pool", "create", "buildkit-pipeline", "--type", "process", "--overwrite")
+    assert created.returncode == 0, created.stdout + created.stderr
+    deployed = prefect("--no-prompt", "deploy", "--all")
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    with get_client(sync_client=True) as client:
+        nightly = client.read_deployment_by_name("build-and-deploy/nightly")
+        on_demand = client.read_deployment_by_name("build-and-deploy/on-demand")
+    [schedule] = nightly.schedules
+    assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "Europe/Berlin", True)
+    assert nightly.parameters["skip_unchanged"] is False and on_demand.parameters["skip_unchanged"] is True
+    assert nightly.work_pool_name == on_demand.work_pool_name == "buildkit-pipeline"
+    assert on_demand.schedules == []
