@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 from flows.config import ConfigError
-from flows.package import PackagingError
 from flows.source import SourceError
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2

@@ -38,7 +38,7 @@ from flows.diagnose import explain_failure
 from flows.kube import kube_api
 from flows.limits import ensure_limit, previous_table
 from flows.package import PackagedContext
-from flows.plan import plan_component, prepare_source, select
+from flows.plan import plan_component, select
 from flows.progress import ProgressTracker, step_table
 from flows.report import format_timing, timeline_markdown, timing_rows
 from flows.source import SourceCheckout
@@ -294,7 +294,7 @@ async def build_and_deploy(
     """Build every selected component with BuildKit in the cluster and roll out its helm release."""
     started = time.perf_counter()
     RUN_STARTED.set(started)
-    pipeline, source = await asyncio.to_thread(prepare_source, Path(config), ref)
+    pipeline, source = await tasks.prepare_source(Path(config), ref)
     selected = select(pipeline, components)
     results = {c.name: ComponentResult(name=c.name) for c in selected}
     archives = await package_all(pipeline, selected, source, results)

@@ -7,6 +7,8 @@ because a task's `timeout_seconds` cannot interrupt a blocking call.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
 from prefect import task
 from prefect.blocks.system import Secret
@@ -15,7 +17,7 @@ from prefect_aws import AwsCredentials
 from pydantic import SecretStr
 
 from flows import build, build_run, deploy, package, plan, registry_auth, source, upload
-from flows.config import BuildSecretSpec, ReleaseSpec
+from flows.config import BuildSecretSpec, PipelineConfig, ReleaseSpec
 from flows.kube import is_transient_api_error
 
 
@@ -37,8 +39,9 @@ STAGE = dict(cache_policy=NO_CACHE, retry_condition_fn=retry_transient, retry_de
 
 
 @task(name="source", retries=2, timeout_seconds=600, **STAGE)
-async def checkout_source(repo: str, ref: str) -> source.SourceCheckout:
-    return await asyncio.to_thread(source.checkout, repo, ref)
+async def prepare_source(config_path: Path, ref: str | None) -> tuple[PipelineConfig, source.SourceCheckout]:
+    """The validated pipeline file and the checkout it names, its paths checked."""
+    return await asyncio.to_thread(plan.prepare_source, config_path, ref)
 
 
 @task(name="package", timeout_seconds=900, cache_policy=NO_CACHE)
