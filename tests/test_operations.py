@@ -128,3 +128,31 @@ def test_prefect_deploy_all_creates_the_nightly_schedule_and_on_demand(prefect_s
     assert nightly.parameters["skip_unchanged"] is False and on_demand.parameters["skip_unchanged"] is True
     assert nightly.work_pool_name == on_demand.work_pool_name == "buildkit-pipeline"
     assert on_demand.schedules == []
+
+
+def test_blocks_register_and_the_setup_script_builds_a_working_target(prefect_server, sandbox, monkeypatch):
+    registered = prefect("block", "register", "-m", "blocks")
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "sandbox-access-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sandbox-secret-key")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", sandbox.aws.url)
+    monkeypatch.setenv("KUBECONFIG", str(sandbox.kubeconfig))
+    from deployments.setup_blocks import main as setup_blocks
+
+    setup_blocks(["--name", "setup-test"])
+
+    target = BuildKitPipelineTarget.load("setup-test")
+    assert target.aws_credentials.get_client("sts").get_caller_identity()["Account"] == "123456789012"
+
+    async def cluster_namespaces() -> list[str]:
+        from kubernetes_asyncio import client
+
+        from flows.kube import kube_api
+
+        async with target.kubeconfig() as path:
+            assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+            async with kube_api(path) as api:
+                return [ns.metadata.name for ns in (await client.CoreV1Api(api).list_namespace()).items]
+
+    assert "default" in asyncio.run(cluster_namespaces())
