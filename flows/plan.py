@@ -6,7 +6,6 @@ from the same functions, so the plan is exactly what a run creates.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -23,7 +22,7 @@ from flows.build import (
 from flows.config import ComponentSpec, PipelineConfig, check_paths, load_config
 from flows.deploy import DIGEST_PLACEHOLDER, helm_upgrade_argv
 from flows.package import PackagedContext, archive_paths, package_context
-from flows.source import SourceCheckout, checkout, public_url, resolve_repo
+from flows.source import SourceCheckout, cache_root, checkout, public_url, resolve_repo
 
 
 class ComponentPlan(BaseModel):
@@ -41,8 +40,7 @@ class ComponentPlan(BaseModel):
 
 
 def archive_dir() -> Path:
-    root = os.environ.get("BUILDKIT_PIPELINE_CACHE") or Path.home() / ".cache" / "buildkit-pipeline"
-    return Path(root) / "archives"
+    return cache_root() / "archives"
 
 
 def registry_secret_name(job: str) -> str:

@@ -36,9 +36,9 @@ class SourceCheckout(BaseModel):
     dirty: bool = False
 
 
-def default_cache_dir() -> Path:
-    root = os.environ.get("BUILDKIT_PIPELINE_CACHE") or Path.home() / ".cache" / "buildkit-pipeline"
-    return Path(root) / "sources"
+def cache_root() -> Path:
+    """Where checkouts and archives are kept between runs (`$BUILDKIT_PIPELINE_CACHE`)."""
+    return Path(os.environ.get("BUILDKIT_PIPELINE_CACHE") or Path.home() / ".cache" / "buildkit-pipeline")
 
 
 def resolve_repo(repo: str, base_dir: Path) -> str:
@@ -120,7 +120,7 @@ def checkout(repo: str, ref: str, cache_dir: Path | None = None) -> SourceChecko
     """Check out `ref` of `repo` (a URL, see resolve_repo) into the cache; return the exact commit."""
     if dirty := _dirty_worktree(repo, ref):
         return dirty
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = cache_dir or cache_root() / "sources"
     key = hashlib.sha256(repo.encode()).hexdigest()[:16]
     clone_dir = cache_dir / key / "repo"
     with _locked(cache_dir / key / "lock"):

@@ -49,7 +49,6 @@ class BuildctlArgs:
     import_cache: str = ""
     metadata_file: str = ""
     progress: str = ""
-    no_cache: bool = False
 
 
 def parse_buildctl(args: list[str]) -> BuildctlArgs:
@@ -73,8 +72,6 @@ def parse_buildctl(args: list[str]) -> BuildctlArgs:
             parsed.metadata_file = next(it)
         elif arg.startswith("--progress="):
             parsed.progress = arg.partition("=")[2]
-        elif arg == "--no-cache":
-            parsed.no_cache = True
     return parsed
 
 
@@ -146,6 +143,8 @@ class SimulatedBuildKit:
         args = parse_buildctl(container["args"][1:])
         if args.metadata_file != container.get("terminationMessagePath", "/dev/termination-log"):
             raise ContractError("--metadata-file must be the termination message path")
+        if args.progress != "rawjson":
+            raise ContractError("--progress=rawjson is what the flow parses into step timings")
         _check_cache_flags(args)
         auth = self._mounted_registry_auth(handle, container)
         secrets = {id_: self._mounted_secret(handle, container, id_, src) for id_, src in args.secrets.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import tempfile
@@ -16,7 +17,10 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 import pytest  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
+from prefect.client.schemas.objects import State  # noqa: E402
+
 from flows.config import PipelineConfig, load_config  # noqa: E402
+from flows.pipeline import build_and_deploy  # noqa: E402
 from sandbox.stack import Sandbox  # noqa: E402
 from sandbox.example import commit_all, create_example_repo  # noqa: E402
 
@@ -45,6 +49,11 @@ class ExampleApp:
     @property
     def root(self) -> Path:
         return self.pipeline_file.parent
+
+    def run(self, **params) -> State:
+        """One run of the real flow against the sandbox; the final state, failed or not."""
+        return asyncio.run(build_and_deploy(config=str(self.pipeline_file), **self.flow_kwargs, **params,
+                                            return_state=True))
 
 
 _apps = itertools.count(1)

@@ -36,11 +36,6 @@ def failing_mcp_build(sandbox):
     sandbox.buildkit.failures.pop(MCP_REPOSITORY, None)
 
 
-def run(app, **params):
-    state = asyncio.run(build_and_deploy(config=str(app.pipeline_file), **app.flow_kwargs, **params, return_state=True))
-    return state
-
-
 def by_name(result) -> dict:
     return {c.name: c for c in result.components}
 
@@ -63,7 +58,7 @@ def in_background(app, **params) -> tuple[threading.Thread, dict]:
     outcome: dict = {}
 
     def target():
-        outcome["state"] = run(app, **params)
+        outcome["state"] = app.run(**params)
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
@@ -111,10 +106,10 @@ def test_a_dropped_watch_and_410_gone_resume_without_a_second_job(prefect_server
 
 
 def test_skip_unchanged_reuses_the_image_and_creates_no_job(prefect_server, sandbox, example_app):
-    first = run(example_app).result()
+    first = example_app.run().result()
     before = len(jobs(sandbox, example_app))
 
-    second = run(example_app, skip_unchanged=True).result()
+    second = example_app.run(skip_unchanged=True).result()
 
     assert len(jobs(sandbox, example_app)) == before
     for name in (MCP, AGENT):
@@ -127,12 +122,12 @@ def test_skip_unchanged_reuses_the_image_and_creates_no_job(prefect_server, sand
 def test_a_changed_context_is_built_even_with_skip_unchanged_and_uses_the_registry_cache(
     prefect_server, sandbox, example_app
 ):
-    run(example_app, deploy=False).result()
+    example_app.run(deploy=False).result()
     server = example_app.root / MCP_CONTEXT / "server.py"
     server.write_text(server.read_text() + "\n# cache me if you can\n")
     commit_all(example_app.root, "Change the server")
 
-    result = run(example_app, deploy=False, skip_unchanged=True).result()
+    result = example_app.run(deploy=False, skip_unchanged=True).result()
 
     mcp, agent = by_name(result)[MCP], by_name(result)[AGENT]
     assert mcp.outcome == "built" and agent.outcome == "unchanged"
@@ -162,7 +157,7 @@ def test_build_secrets_reach_the_build_as_files_and_leave_with_it(prefect_server
     app.pipeline_file.write_text(text)
     commit_all(app.root, "Build secrets")
 
-    result = run(app, deploy=False).result()
+    result = app.run(deploy=False).result()
 
     job = by_name(result)[MCP].image.job
     [build] = [b for b in sandbox.buildkit.builds if b["pod"].startswith(job)]
@@ -179,7 +174,7 @@ def test_a_failed_build_names_component_job_diagnosis_and_log_tail(prefect_serve
                                                                    failing_mcp_build):
     failing_mcp_build('process "/bin/sh -c pip install --no-cache-dir -r requirements.txt" '
                       "did not complete successfully: exit code: 1")
-    state = run(example_app)
+    state = example_app.run()
 
     with pytest.raises(PipelineFailed) as error:
         state.result()
@@ -216,7 +211,7 @@ def test_a_cancelled_run_leaves_no_job_and_no_secret(prefect_server, sandbox, ex
 def test_build_failed_is_not_retried(prefect_server, sandbox, example_app, failing_mcp_build):
     failing_mcp_build("failed to read dockerfile: open Dockerfile: no such file or directory")
     with pytest.raises(PipelineFailed, match="dockerfile-missing"):
-        run(example_app, deploy=False).result()
+        example_app.run(deploy=False).result()
     creates = [r for r in sandbox.kube.requests if r.verb == "create" and r.resource == "jobs"
                and r.namespace == example_app.config.build.namespace]
     assert len(creates) == 2, "one create per component: a failed build is not retried"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -13,7 +12,6 @@ import pytest
 
 from flows.cli import main
 from flows.config import ConfigError
-from flows.pipeline import build_and_deploy
 from sandbox.example import commit_all, create_example_repo
 
 MCP_CONTEXT = "agents/weather/mcp-servers/weather-mcp-server"
@@ -98,7 +96,7 @@ def _nothing_remote_happened(sandbox, app):
 
 
 def _run(app) -> Exception:
-    state = asyncio.run(build_and_deploy(config=str(app.pipeline_file), **app.flow_kwargs, return_state=True))
+    state = app.run()
     with pytest.raises(ConfigError) as error:
         state.result()
     return error.value
@@ -134,8 +132,7 @@ def test_the_context_is_stored_with_a_checksum_behind_a_short_lived_url(prefect_
     app.pipeline_file.write_text(text)
     commit_all(app.root, "Five-minute URLs")
     started = time.time()
-    state = asyncio.run(build_and_deploy(config=str(app.pipeline_file), **app.flow_kwargs, deploy=False,
-                                         return_state=True))
+    state = app.run(deploy=False)
     result = state.result()
 
     component = next(c for c in result.components if c.name == "weather-mcp")

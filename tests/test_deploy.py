@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import stat
@@ -17,16 +16,12 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flows.deploy import DeployFailed
-from flows.pipeline import PipelineFailed, build_and_deploy
+from flows.pipeline import PipelineFailed
 from sandbox.example import commit_all
 from tests.conftest import HELM
 
 MCP, AGENT = "weather-mcp", "weather-agent"
 MCP_CONTEXT = "agents/weather/mcp-servers/weather-mcp-server"
-
-
-def run(app, **params):
-    return asyncio.run(build_and_deploy(config=str(app.pipeline_file), **app.flow_kwargs, **params, return_state=True))
 
 
 def history(sandbox, app, component: str) -> list[tuple[int, str]]:
@@ -93,7 +88,7 @@ def test_a_release_that_never_becomes_ready_is_rolled_back_to_the_previous_image
     app = example_app
     namespace = app.config.component(MCP).release.namespace
     edit_pipeline(app, f"namespace: {namespace}}}", f"namespace: {namespace}, timeout_seconds: 15}}")
-    run(app).result()
+    app.run().result()
     good_image = deployed_image(sandbox, app, MCP)
     server = app.root / MCP_CONTEXT / "server.py"
     server.write_text(server.read_text() + "\n# a release that will not pull\n")
@@ -101,7 +96,7 @@ def test_a_release_that_never_becomes_ready_is_rolled_back_to_the_previous_image
     pod_behaviour(lambda pod: bad_commit[:12] in pod["spec"]["containers"][0]["image"],
                   lambda handle: handle.waiting("ImagePullBackOff", 'Back-off pulling image "weather-mcp"'))
 
-    state = run(app)
+    state = app.run()
 
     with pytest.raises(PipelineFailed) as error:
         state.result()
@@ -119,14 +114,14 @@ def test_a_release_that_never_becomes_ready_is_rolled_back_to_the_previous_image
 
 def test_helm_3_gets_atomic_and_helm_4_rollback_on_failure(prefect_server, sandbox, example_app, recording_helm):
     log = recording_helm("v3.16.4+g7877b45")
-    run(example_app, components=[MCP]).result()
+    example_app.run(components=[MCP]).result()
     [upgrade] = calls(log, "upgrade")
     assert "--atomic" in upgrade["argv"] and "--rollback-on-failure" not in upgrade["argv"]
 
 
 def test_helm_4_gets_rollback_on_failure(prefect_server, sandbox, example_app, recording_helm):
     log = recording_helm()
-    run(example_app, components=[MCP]).result()
+    example_app.run(components=[MCP]).result()
     [upgrade] = calls(log, "upgrade")
     assert "--rollback-on-failure" in upgrade["argv"] and "--atomic" not in upgrade["argv"]
 
@@ -137,7 +132,7 @@ def test_two_runs_on_one_release_serialize_their_helm_operations(prefect_server,
     sandbox.kube.rollout_delay = 1.5
     try:
         states = []
-        threads = [threading.Thread(target=lambda: states.append(run(example_app, components=[MCP])))
+        threads = [threading.Thread(target=lambda: states.append(example_app.run(components=[MCP])))
                    for _ in range(2)]
         for thread in threads:
             thread.start()
@@ -161,7 +156,7 @@ def test_secret_values_reach_the_release_but_no_argv_log_or_result(prefect_serve
                   f"namespace: {namespace}, set_secret: {{db.password: db-password-{namespace}}}}}")
     leftover_before = set(Path(tempfile.gettempdir()).glob("helm-secret-values-*"))
 
-    state = run(example_app, components=[MCP])
+    state = example_app.run(components=[MCP])
     result = state.result()
 
     release = example_app.config.component(MCP).release

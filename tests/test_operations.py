@@ -16,7 +16,6 @@ from prefect.settings import PREFECT_API_URL
 
 from blocks.target import BuildKitPipelineTarget
 from flows.config import load_config
-from flows.pipeline import build_and_deploy
 from sandbox.example import commit_all
 from tests.conftest import REPO_ROOT
 
@@ -72,15 +71,14 @@ def test_three_components_build_in_parallel_and_agents_deploy_after_the_mcp_serv
     travel = agent_block.replace("weather-agent", "travel-agent").replace("agents/weather/agent", "agents/travel/agent")
     app.pipeline_file.write_text(text.replace("mode: privileged}", "mode: privileged, cache: none}") + travel)
     commit_all(app.root, "A travel agent")
-    config = sandbox.prepare(load_config(app.pipeline_file))
+    sandbox.prepare(load_config(app.pipeline_file))
     repositories = {name: f"123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/{name}"
                     for name in ("weather-mcp", "weather-agent", "travel-agent")}
     seconds = {"weather-mcp": 58 / 20, "weather-agent": 134 / 20, "travel-agent": 139 / 20}
     for name, repository in repositories.items():
         sandbox.buildkit.build_seconds[repository] = seconds[name]
     try:
-        state = asyncio.run(build_and_deploy(config=str(app.pipeline_file), **config, return_state=True))
-        result = state.result()
+        result = app.run().result()
     finally:
         for repository in repositories.values():
             sandbox.buildkit.build_seconds.pop(repository, None)

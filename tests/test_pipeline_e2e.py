@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import subprocess
@@ -10,10 +9,9 @@ import subprocess
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import State
 
 from flows.cli import main
-from flows.pipeline import PipelineResult, build_and_deploy
+from flows.pipeline import PipelineResult
 from flows.upload import context_key
 from sandbox.example import commit_all
 from tests.conftest import HELM
@@ -21,12 +19,6 @@ from tests.conftest import HELM
 MCP, AGENT = "weather-mcp", "weather-agent"
 
 
-def run_flow_state(pipeline_file, flow_kwargs, **params) -> State:
-    return asyncio.run(build_and_deploy(config=str(pipeline_file), **flow_kwargs, **params, return_state=True))
-
-
-def run_flow(pipeline_file, flow_kwargs, **params) -> PipelineResult:
-    return run_flow_state(pipeline_file, flow_kwargs, **params).result()
 
 
 def timing_artifact(flow_run_id) -> list[dict]:
@@ -64,7 +56,7 @@ def jobs_for(sandbox, app, component: str) -> list[dict]:
 def test_first_run_builds_pushes_and_deploys_the_exact_image(prefect_server, sandbox, example_app):
     app = example_app
     config = app.config
-    state = run_flow_state(app.pipeline_file, app.flow_kwargs)
+    state = app.run()
     result = state.result()
 
     s3 = sandbox.aws.client("s3", config.aws.region)
@@ -116,7 +108,7 @@ def test_first_run_builds_pushes_and_deploys_the_exact_image(prefect_server, san
 
 def test_agent_deploys_after_its_mcp_server(prefect_server, sandbox, example_app):
     app = example_app
-    run_flow(app.pipeline_file, app.flow_kwargs)
+    app.run().result()
     mcp_ns, agent_ns = namespace_of(app, MCP), namespace_of(app, AGENT)
     deployment_writes = {}
     for record in sandbox.kube.requests:
@@ -133,12 +125,12 @@ def by_name(result: PipelineResult) -> dict:
 
 def test_a_commit_that_changes_one_file_gives_revision_2_and_a_new_digest(prefect_server, sandbox, example_app):
     app = example_app
-    first = run_flow(app.pipeline_file, app.flow_kwargs)
+    first = app.run().result()
     server = app.root / "agents/weather/mcp-servers/weather-mcp-server/server.py"
     server.write_text(server.read_text().replace('"phoenix": "sun"', '"phoenix": "heat"'))
     commit = commit_all(app.root, "Phoenix is hot")
 
-    second = run_flow(app.pipeline_file, app.flow_kwargs)
+    second = app.run().result()
 
     assert second.commit == commit != first.commit
     before, after = by_name(first)[MCP], by_name(second)[MCP]
@@ -155,8 +147,8 @@ def test_a_commit_that_changes_one_file_gives_revision_2_and_a_new_digest(prefec
 
 def test_an_unchanged_rerun_gives_the_same_archive_and_uploads_nothing(prefect_server, sandbox, example_app):
     app = example_app
-    first = run_flow(app.pipeline_file, app.flow_kwargs)
-    again = run_flow(app.pipeline_file, app.flow_kwargs)
+    first = app.run().result()
+    again = app.run().result()
     for name in (MCP, AGENT):
         assert by_name(again)[name].archive_sha256 == by_name(first)[name].archive_sha256
         assert by_name(first)[name].context_uploaded is True
