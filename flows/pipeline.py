@@ -43,7 +43,7 @@ from flows.progress import ProgressTracker, step_table
 from flows.report import format_timing, timeline_markdown, timing_rows
 from flows.source import SourceCheckout
 
-STAGES = ("package", "upload", "registry-auth", "build", "deploy")
+STAGES = ("package", "queue", "upload", "registry-auth", "build", "deploy")
 BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT = "buildkit", 10
 RUN_STARTED: ContextVar[float] = ContextVar("run_started", default=0.0)
 
@@ -159,7 +159,7 @@ class Run:
             self.finished[component.name].set()
 
     async def build(self, component: ComponentSpec, result: ComponentResult) -> None:
-        """upload → registry auth → build; or reuse the image of an identical context."""
+        """queue → upload → registry auth → build; or reuse the image of an identical context."""
         logger = get_run_logger()
         archive = self.archives[component.name]
         if self.skip_unchanged:
@@ -171,7 +171,10 @@ class Run:
                 logger.info("%s: context unchanged, reusing %s@%s", component.name, image.repository,
                             result.image.digest)
                 return
-        await self._build_in_cluster(component, result, archive)
+        async with self.build_slot(result):
+            await self._build_in_cluster(component, result, archive)
+        result.outcome = "built"
+        logger.info("%s: pushed %s@%s", component.name, result.image.repository, result.image.digest)
         emit_event(
             event="buildkit.image.pushed",
             resource={"prefect.resource.id": f"ecr.image.{result.image.repository}@{result.image.digest}",
@@ -180,8 +183,22 @@ class Run:
                      "commit": self.source.commit},
         )
 
+    @contextlib.asynccontextmanager
+    async def build_slot(self, result: ComponentResult) -> AsyncIterator[None]:
+        """Hold one of this run's build slots and one of the global `buildkit` limit; the wait is the `queue` stage.
+
+        The slot is taken before the upload so that the presigned URL and the
+        registry token are fresh when the Job starts, however long the queue was.
+        """
+        async with contextlib.AsyncExitStack() as held:
+            with timed(result, "queue"):
+                await held.enter_async_context(self.build_slots)
+                await held.enter_async_context(concurrency(BUILDKIT_LIMIT, occupy=1, lease_duration=600))
+            yield
+
     async def _build_in_cluster(self, component: ComponentSpec, result: ComponentResult,
                                 archive: PackagedContext) -> None:
+        """upload → registry auth → BuildKit Job, inside a build slot."""
         logger = get_run_logger()
         config = self.config
         with timed(result, "upload"):
@@ -204,11 +221,10 @@ class Run:
 
         with timed(result, "build"):
             try:
-                async with self.build_slots, concurrency(BUILDKIT_LIMIT, occupy=1, lease_duration=600):
-                    result.image = await tasks.run_build(
-                        self.api, component=component.name, request=plan.request, token=token,
-                        secret_values=secret_values, on_log_line=log_line, explain=explain_failure,
-                    )
+                result.image = await tasks.run_build(
+                    self.api, component=component.name, request=plan.request, token=token,
+                    secret_values=secret_values, on_log_line=log_line, explain=explain_failure,
+                )
             finally:
                 result.steps, result.cache_hits = step_table(progress.steps()), progress.cache_hits()
                 if result.steps:
@@ -216,8 +232,6 @@ class Run:
                         key=f"build-steps-{component.name}", table=result.steps,
                         description=f"BuildKit steps of {component.name}: seconds, cache hits, errors",
                     )
-        result.outcome = "built"
-        logger.info("%s: pushed %s@%s", component.name, plan.image.repository, result.image.digest)
 
     async def deploy(self, component: ComponentSpec, result: ComponentResult) -> None:
         """Upgrade the release with the image just built, after the releases it comes after."""

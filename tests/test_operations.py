@@ -74,7 +74,8 @@ def test_three_components_build_in_parallel_and_agents_deploy_after_the_mcp_serv
     sandbox.prepare(load_config(app.pipeline_file))
     repositories = {name: f"123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/{name}"
                     for name in ("weather-mcp", "weather-agent", "travel-agent")}
-    seconds = {"weather-mcp": 58 / 20, "weather-agent": 134 / 20, "travel-agent": 139 / 20}
+    # Long enough that all three overlap even if each slot request meets SQLite's 2 s busy retry.
+    seconds = {"weather-mcp": 8, "weather-agent": 9, "travel-agent": 9}
     for name, repository in repositories.items():
         sandbox.buildkit.build_seconds[repository] = seconds[name]
     try:

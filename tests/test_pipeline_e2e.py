@@ -16,6 +16,8 @@ from flows.upload import context_key
 from sandbox.example import commit_all
 from tests.conftest import HELM
 
+ALL_STAGES = ("package", "queue", "upload", "registry-auth", "build", "deploy")
+
 MCP, AGENT = "weather-mcp", "weather-agent"
 
 
@@ -97,10 +99,10 @@ def test_first_run_builds_pushes_and_deploys_the_exact_image(prefect_server, san
 
     for component in result.components:
         assert component.outcome == "deployed"
-        assert set(component.seconds) == {"package", "upload", "registry-auth", "build", "deploy"}
+        assert set(component.seconds) == set(ALL_STAGES)
         assert all(seconds > 0 for seconds in component.seconds.values())
     rows = {(row["component"], row["stage"]): row for row in timing_artifact(state.state_details.flow_run_id)}
-    assert set(rows) == {(c, s) for c in (MCP, AGENT) for s in ("package", "upload", "registry-auth", "build", "deploy")}
+    assert set(rows) == {(c, s) for c in (MCP, AGENT) for s in ALL_STAGES}
     assert rows[(MCP, "build")]["digest"] == mcp.image.digest
     assert rows[(MCP, "build")]["seconds"] == mcp.seconds["build"]
     assert rows[(MCP, "deploy")]["revision"] == 1

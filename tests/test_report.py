@@ -42,7 +42,7 @@ def mcp_gates_agent() -> PipelineResult:
         component("weather-agent", "deployed", {
             # recorded out of order on purpose: rows and path must follow STAGES, not insertion order
             "deploy": (30.1, 35.0), "build": (3.0, 8.0), "package": (0.0, 1.5),
-            "upload": (2.0, 2.5), "registry-auth": (2.5, 3.0),
+            "upload": (2.0, 2.5), "registry-auth": (2.5, 3.0), "queue": (1.6, 2.0),
         }, cache_hits=(9, 9)),
         component("web", "deployed", {
             "package": (0.0, 0.5), "upload": (1.6, 2.0), "registry-auth": (2.0, 2.4),
@@ -146,8 +146,8 @@ def test_format_timing_has_a_line_per_component_dashes_for_stages_not_run_and_wa
     lines = format_timing(mcp_build_fails()).splitlines()
 
     assert lines[0].split() == ["component", *STAGES, "outcome"]
-    assert lines[1].split() == ["weather-mcp", "1.00", "0.80", "0.50", "22.50", "-", "failed"]
-    assert lines[2].split() == ["weather-agent", "1.10", "0.60", "0.40", "6.80", "-", "skipped"]
+    assert lines[1].split() == ["weather-mcp", "1.00", "-", "0.80", "0.50", "22.50", "-", "failed"]
+    assert lines[2].split() == ["weather-agent", "1.10", "-", "0.60", "0.40", "6.80", "-", "skipped"]
     assert lines[3] == "wall time 25.10s"
 
 
@@ -199,7 +199,7 @@ def test_critical_path_stays_in_the_agent_when_its_own_build_is_longest():
 def test_critical_path_without_the_dependency_does_not_jump_to_another_component():
     path = critical_path(mcp_gates_agent(), after={})
 
-    assert [name for name, *_ in path[1:]] == ["weather-agent"] * 4
+    assert [name for name, *_ in path[1:]] == ["weather-agent"] * 5
     assert path_stages(path)[-2:] == [("weather-agent", "build"), ("weather-agent", "deploy")]
 
 
@@ -294,7 +294,7 @@ def test_timeline_compares_each_stage_with_the_previous_run():
     assert table["weather-mcp", "registry-auth"] == ["0.50s", "-", ""]
     assert table["web", "build"] == ["12.60s", "-", ""]
     assert table["old-worker", "package"] == ["-", "0.70s", ""]
-    assert len(table) == 15 + 1
+    assert len(table) == 5 + 6 + 5 + 1  # mcp, agent (with a queue stage), web, and old-worker's one row
 
 
 def test_timeline_shows_a_faster_stage_with_a_minus_sign():
