@@ -1,6 +1,8 @@
 .PHONY: setup test demo serve bench clean
 
 export PREFECT_HOME ?= $(CURDIR)/.prefect
+# every process of the tests and benchmarks would otherwise compile the whole of Prefect again at start-up
+unexport PYTHONDONTWRITEBYTECODE
 # the first start of the local Prefect server migrates its SQLite database, which takes longer than the default 20 s
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 PYTHON := .venv/bin/python
@@ -19,7 +21,8 @@ serve: setup
 	@bash scripts/serve-sandbox.sh
 
 bench: setup
-	$(PYTHON) -m bench.package_bench
+	@bash scripts/install-postgres.sh
+	$(PYTHON) -m bench
 
 clean:
 	rm -rf .venv .tools .prefect .pytest_cache

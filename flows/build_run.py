@@ -4,6 +4,9 @@ Waiting is a watch on the Job (resumed from the last resourceVersion when the
 stream ends or drops, relisted on 410 Gone), never a sleep loop. The per-build
 Secrets are owned by the Job, so Kubernetes removes them with it, and are
 deleted as soon as the build ends; a cancelled build deletes its Job too.
+Creating them retries a transient API error on the spot (after `Retry-After`
+when the server sends one), and a Job that already exists, because an earlier
+create went through though its answer was lost, is adopted, never duplicated.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import time
 from typing import Callable
 
@@ -30,7 +34,7 @@ from flows.build import (
     read_digest,
     terminated_state,
 )
-from flows.kube import as_dict
+from flows.kube import as_dict, carrying_secrets, with_retries
 from flows.registry_auth import RegistryToken, owned_by, registry_secret_manifest
 
 LOG_TAIL_LINES = 50
@@ -72,13 +76,16 @@ def build_secrets_manifest(name: str, namespace: str, values: dict[str, str], la
 
 
 async def _create_or_adopt(create, read):
-    """Create an object; if a retried request already created it, use the existing one."""
+    """Create an object, retrying transient errors; if an earlier request already created it, use that one.
+
+    An adopted Job may have finished already: its answer was lost, and the build ran meanwhile.
+    """
     try:
-        return await create()
+        return await with_retries(create)
     except ApiException as exc:
         if exc.status != 409:
             raise
-        return await read()
+        return await with_retries(read)
 
 
 async def _create_secret(core: client.CoreV1Api, namespace: str, manifest: dict) -> None:
@@ -225,9 +232,11 @@ async def run_build(
             lambda: batch.read_namespaced_job(name, namespace),
         ))
         for secret in secrets:
-            await core.patch_namespaced_secret(secret["metadata"]["name"], namespace, owned_by(created))
+            await with_retries(functools.partial(core.patch_namespaced_secret, secret["metadata"]["name"],
+                                                 namespace, owned_by(created)))
         follower = asyncio.create_task(follow_log(api, namespace, name, on_log_line))
-        job = await wait_for_job(api, namespace, name, created["metadata"]["resourceVersion"], deadline)
+        job = created if job_outcome(created) else await wait_for_job(
+            api, namespace, name, created["metadata"]["resourceVersion"], deadline)
         await _stop(follower, LOG_DRAIN_SECONDS)
         pods = await _pods(api, namespace, name)
         if job_outcome(job) == "Complete":
@@ -257,11 +266,12 @@ async def delete_run_objects(api: client.ApiClient, namespace: str, flow_run_id:
     """Delete every build Job and Secret a flow run created; for cancelled and crashed runs."""
     selector = f"buildkit-pipeline/flow-run={flow_run_id}"
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
-    jobs = (await batch.list_namespaced_job(namespace, label_selector=selector)).items
-    secrets = (await core.list_namespaced_secret(namespace, label_selector=selector)).items
-    for job in jobs:
-        await _delete_quietly(batch.delete_namespaced_job, job.metadata.name, namespace,
-                              propagation_policy="Background")
-    for secret in secrets:
-        await _delete_quietly(core.delete_namespaced_secret, secret.metadata.name, namespace)
+    with carrying_secrets():
+        jobs = (await batch.list_namespaced_job(namespace, label_selector=selector)).items
+        secrets = (await core.list_namespaced_secret(namespace, label_selector=selector)).items
+        for job in jobs:
+            await _delete_quietly(batch.delete_namespaced_job, job.metadata.name, namespace,
+                                  propagation_policy="Background")
+        for secret in secrets:
+            await _delete_quietly(core.delete_namespaced_secret, secret.metadata.name, namespace)
     return len(jobs) + len(secrets)

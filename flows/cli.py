@@ -41,9 +41,10 @@ def _run(args: argparse.Namespace) -> int:
     kwargs = dict(config=str(Path(args.config).resolve()), ref=args.ref, components=_components(args.components),
                   deploy=not args.no_deploy, skip_unchanged=args.skip_unchanged, no_cache=args.no_cache,
                   kubeconfig=args.kubeconfig)
-    from flows.plan import prepare_source
+    from flows.plan import prepare_source, select
 
     config, _ = prepare_source(Path(args.config), args.ref)
+    select(config, kwargs["components"])  # an unknown name is bad input, rejected before a flow run exists
     sandbox = None
     if args.sandbox:
         from sandbox.stack import Sandbox

@@ -7,6 +7,7 @@ key it is about (`components[1].release.chart: no such directory`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -16,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DEFAULT_BUILDKIT_IMAGE = "moby/buildkit:v0.31.2"
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 ECR_HOST = re.compile(r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?$")
+_HOST_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+REGISTRY_HOST = re.compile(rf"^{_HOST_LABEL}(\.{_HOST_LABEL})*(:\d{{1,5}})?$")
 
 
 class ConfigError(ValueError):
@@ -184,25 +187,29 @@ class PipelineConfig(_Strict):
     @field_validator("registry")
     @classmethod
     def _registry_host(cls, registry: str) -> str:
-        if not registry or "/" in registry:
+        """A host as Docker's reference grammar has it: an image name is `<registry>/<repository>:<tag>`."""
+        if not REGISTRY_HOST.fullmatch(registry):
             raise ValueError(f"{registry!r} must be a registry host, like 123456789012.dkr.ecr.us-west-2.amazonaws.com")
         return registry
 
     @model_validator(mode="after")
     def _references(self) -> PipelineConfig:
         problems = []
-        names = [c.name for c in self.components]
+        first_with_name: dict[str, int] = {}
         releases = {c.release.name: i for i, c in enumerate(self.components) if c.release}
         for i, component in enumerate(self.components):
-            if names.count(component.name) > 1:
-                problems.append(f"components[{i}].name: {component.name!r} is used by more than one component")
+            if component.name in first_with_name:
+                problems.append(f"components[{i}].name: {component.name!r} is already the name of "
+                                f"components[{first_with_name[component.name]}]")
+            first_with_name.setdefault(component.name, i)
             for dependency in component.release.after if component.release else []:
                 if dependency not in releases:
                     problems.append(f"components[{i}].release.after: no release named {dependency!r}")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))
         if cycle := _release_cycle(self.components):
-            raise ValueError(f"release order has a cycle: {' -> '.join(cycle)}")
+            first = next(i for i, c in enumerate(self.components) if c.release and c.release.name == cycle[0])
+            raise ValueError(f"components[{first}].release.after: release order has a cycle: {' -> '.join(cycle)}")
         return self
 
     def component(self, name: str) -> ComponentSpec:
@@ -254,7 +261,7 @@ def parse_config(data: object) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError([_describe(e) for e in exc.errors()]) from None
+        raise ConfigError([line for error in exc.errors() for line in _describe(error).splitlines()]) from None
 
 
 def load_config(path: Path) -> PipelineConfig:
@@ -263,6 +270,10 @@ def load_config(path: Path) -> PipelineConfig:
         data = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError([f"{path}: no such file"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read it: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
     if not isinstance(data, dict):
@@ -271,27 +282,37 @@ def load_config(path: Path) -> PipelineConfig:
 
 
 def check_paths(config: PipelineConfig, repo_root: Path) -> None:
-    """Check that every folder and file the pipeline names exists in the checkout."""
+    """Check that every folder and file the pipeline names exists inside the checkout.
+
+    Paths are resolved, symlinks included, before the containment check: neither
+    `../` nor a link may make a run package or deploy files from outside the
+    repository, such as the worker's own.
+    """
+    root = repo_root.resolve()
     problems = []
 
-    def inside(relative: str) -> Path | None:
-        candidate = (repo_root / relative).resolve()
-        return candidate if candidate.is_relative_to(repo_root.resolve()) else None
+    def found(key: str, relative: str, base: Path, exists: Callable[[Path], bool], missing: str) -> Path | None:
+        candidate = (base / relative).resolve()
+        if not candidate.is_relative_to(root):
+            problems.append(f"{key}: {relative!r} is outside the repository")
+        elif not exists(candidate):
+            problems.append(f"{key}: {missing}")
+        else:
+            return candidate
+        return None
 
     for i, component in enumerate(config.components):
-        context = inside(component.context)
-        if context is None or not context.is_dir():
-            problems.append(f"components[{i}].context: no such directory {component.context!r}")
-        elif not (context / component.dockerfile).is_file():
-            problems.append(f"components[{i}].dockerfile: no such file {component.dockerfile!r} in {component.context!r}")
+        key = f"components[{i}]"
+        context = found(f"{key}.context", component.context, root, Path.is_dir,
+                        f"no such directory {component.context!r}")
+        if context is not None:
+            found(f"{key}.dockerfile", component.dockerfile, context, Path.is_file,
+                  f"no such file {component.dockerfile!r} in {component.context!r}")
         release = component.release
         if release and release.local_chart:
-            chart = inside(release.chart)
-            if chart is None or not (chart / "Chart.yaml").is_file():
-                problems.append(f"components[{i}].release.chart: no such directory {release.chart!r} (with a Chart.yaml)")
+            found(f"{key}.release.chart", release.chart, root, lambda chart: (chart / "Chart.yaml").is_file(),
+                  f"no such directory {release.chart!r} (with a Chart.yaml)")
         for j, values in enumerate(release.values if release else []):
-            path = inside(values)
-            if path is None or not path.is_file():
-                problems.append(f"components[{i}].release.values[{j}]: no such file {values!r}")
+            found(f"{key}.release.values[{j}]", values, root, Path.is_file, f"no such file {values!r}")
     if problems:
         raise ConfigError(problems)

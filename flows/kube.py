@@ -1,9 +1,13 @@
-"""A Kubernetes API client for the flow, from a kubeconfig file or the in-cluster service account."""
+"""A Kubernetes API client for the flow, from a kubeconfig file or the in-cluster service account;
+and `carrying_secrets`, which keeps the API clients' debug output of secret-carrying calls out of the logs."""
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
+import asyncio
+import logging
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
+from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
 
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -30,3 +34,69 @@ def as_dict(api: client.ApiClient, obj) -> dict:
 
 def is_transient_api_error(exc: BaseException) -> bool:
     return isinstance(exc, ApiException) and (exc.status in (0, 429) or exc.status >= 500)
+
+
+T = TypeVar("T")
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+MAX_RETRY_AFTER = 30.0
+
+
+def retry_after_seconds(exc: ApiException) -> float | None:
+    """The wait an API server asked for in `Retry-After` (it sends one with 429 and some 5xx), at most 30 s."""
+    try:
+        return min(float((exc.headers or {})["Retry-After"]), MAX_RETRY_AFTER)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+async def with_retries(call: Callable[[], Awaitable[T]], delays: tuple[float, ...] = RETRY_DELAYS) -> T:
+    """`call()`, made again after each transient API error (5xx, 429): after the server's `Retry-After`, else
+    after the next of `delays`; when they run out the last error is raised.
+
+    Retrying one request keeps what a build already created in place, where the
+    build task's own retry starts over and deletes its Secrets first. A create
+    repeated this way may meet the object its lost first answer created (409).
+    """
+    for delay in delays:
+        try:
+            return await call()
+        except ApiException as exc:
+            if not is_transient_api_error(exc):
+                raise
+            await asyncio.sleep(retry_after_seconds(exc) or delay)
+    return await call()
+
+
+_CARRYING_SECRETS: ContextVar[bool] = ContextVar("carrying_secrets", default=False)
+BODY_LOGGERS = ("botocore.auth", "botocore.endpoint", "botocore.parsers", "kubernetes_asyncio.client.rest")
+WITHHELD = "(debug output withheld: the call carries a secret)"
+
+
+class _WithholdSecretTraffic(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.INFO and _CARRYING_SECRETS.get():
+            record.msg, record.args = WITHHELD, ()
+        return True
+
+
+_WITHHOLD = _WithholdSecretTraffic()
+for _name in BODY_LOGGERS:
+    logging.getLogger(_name).addFilter(_WITHHOLD)
+
+
+@contextmanager
+def carrying_secrets() -> Iterator[None]:
+    """Withhold the DEBUG records in which the AWS and Kubernetes clients print bodies and signatures.
+
+    At DEBUG, botocore logs every response body (an ECR token, a Secrets Manager
+    value) and every SigV4 signature (a presigned URL's), and kubernetes_asyncio
+    logs every response body (a Secret's data, a Job's presigned URL), before the
+    caller has seen the value, so nothing can be redacted by value. The switch is a
+    ContextVar: it follows the calls into `asyncio.to_thread` and into tasks created
+    inside, and leaves the records of concurrent calls outside alone.
+    """
+    token = _CARRYING_SECRETS.set(True)
+    try:
+        yield
+    finally:
+        _CARRYING_SECRETS.reset(token)

@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from prefect.concurrency.asyncio import concurrency
 from prefect.events import emit_event
+from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import deployment, flow_run
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel, Field
@@ -288,7 +289,7 @@ async def clean_up_run(flow, run, state) -> None:
     async with connection(parameters.get("target"), None, parameters.get("kubeconfig"), config) as (_, kubeconfig):
         async with kube_api(kubeconfig) as api:
             deleted = await delete_run_objects(api, config.build.namespace, str(run.id))
-    get_run_logger().info("deleted %d build objects of run %s", deleted, run.name)
+    flow_run_logger(run, flow).info("deleted %d build objects of run %s", deleted, run.name)
 
 
 @flow(name="build-and-deploy", on_cancellation=[clean_up_run], on_crashed=[clean_up_run])

@@ -15,6 +15,7 @@ from prefect_aws import AwsCredentials
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from flows.config import ECR_HOST
+from flows.kube import carrying_secrets
 
 
 class RegistryToken(BaseModel):
@@ -28,7 +29,8 @@ class RegistryToken(BaseModel):
 def mint_ecr_token(credentials: AwsCredentials, registry: str) -> RegistryToken:
     ecr = credentials.get_client("ecr")
     match = ECR_HOST.match(registry)
-    response = ecr.get_authorization_token(**({"registryIds": [match["account"]]} if match else {}))
+    with carrying_secrets():
+        response = ecr.get_authorization_token(**({"registryIds": [match["account"]]} if match else {}))
     data = response["authorizationData"][0]
     return RegistryToken(registry=registry, token=SecretStr(data["authorizationToken"]), expires_at=data["expiresAt"])
 

@@ -1,12 +1,14 @@
 """The stages as Prefect tasks: thin wrappers that add retries for transient faults and timeouts.
 
 Blocking work runs in a thread, and every remote call carries its own deadline,
-because a task's `timeout_seconds` cannot interrupt a blocking call.
+because a task's `timeout_seconds` cannot interrupt a blocking call. Stages that
+handle secrets run `carrying_secrets()`, so even DEBUG logging does not print them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
@@ -18,12 +20,14 @@ from pydantic import SecretStr
 
 from flows import build, build_run, deploy, package, plan, registry_auth, source, upload
 from flows.config import BuildSecretSpec, PipelineConfig, ReleaseSpec
-from flows.kube import is_transient_api_error
+from flows.kube import carrying_secrets, is_transient_api_error
 
 
 def _transient(exc: BaseException) -> bool:
     if isinstance(exc, BotoConnectionError | asyncio.TimeoutError | ConnectionError):
         return True
+    if isinstance(exc, upload.ContextUploadFailed):
+        return exc.transient
     if isinstance(exc, ClientError):
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return status >= 500 or status == 429 or exc.response.get("Error", {}).get("Code") == "Throttling"
@@ -80,15 +84,18 @@ async def read_build_secrets(credentials: AwsCredentials, secrets: list[BuildSec
     if not wanted:
         return {}
     client = credentials.get_client("secretsmanager")
-    return {
-        s.id: (await asyncio.to_thread(client.get_secret_value, SecretId=s.aws_secrets_manager))["SecretString"]
-        for s in wanted
-    }
+    with carrying_secrets():
+        return {
+            s.id: (await asyncio.to_thread(client.get_secret_value, SecretId=s.aws_secrets_manager))["SecretString"]
+            for s in wanted
+        }
 
 
 @task(name="build", retries=2, **STAGE)
 async def run_build(api, **kwargs) -> build.BuiltImage:
-    return await build_run.run_build(api, **kwargs)
+    """Every Secret, Job and Pod of a build holds the registry token, a build secret or the presigned URL."""
+    with carrying_secrets():
+        return await build_run.run_build(api, **kwargs)
 
 
 @task(name="release-secrets", retries=2, timeout_seconds=60, persist_result=False, **STAGE)
@@ -99,4 +106,6 @@ async def read_release_secrets(release: ReleaseSpec) -> dict[str, SecretStr]:
 
 @task(name="deploy", cache_policy=NO_CACHE)
 async def deploy_release(release: ReleaseSpec, **kwargs) -> deploy.DeployedRelease:
-    return await deploy.upgrade_release(release, **kwargs)
+    """The objects the rollout check reads may hold what the chart rendered from `set_secret` values."""
+    with carrying_secrets() if kwargs.get("secret_values") else contextlib.nullcontext():
+        return await deploy.upgrade_release(release, **kwargs)

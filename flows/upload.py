@@ -2,17 +2,23 @@
 
 The key is `<prefix><component>/<sha256>.tar.gz`, so the same context is stored
 once however often it is built, and an object that already exists with the same
-size is not uploaded again.
+size is not uploaded again. When S3 refuses, the error names the object, S3's
+answer and what to do about it.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from typing import Iterator
 
+from boto3.exceptions import S3UploadFailedError
+from botocore.config import Config
 from botocore.exceptions import ClientError
 from prefect_aws import AwsCredentials, S3Bucket
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from flows.kube import carrying_secrets
 from flows.package import PackagedContext
 
 
@@ -30,8 +36,61 @@ class UploadedContext(BaseModel):
         return f"s3://{self.bucket}/{self.key}"
 
 
+class ContextUploadFailed(RuntimeError):
+    """S3 refused a request of the upload stage; `status` is its HTTP status, None when it sent none."""
+
+    def __init__(self, message: str, status: int | None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        return self.status is not None and (self.status >= 500 or self.status == 429)
+
+
 def context_key(prefix: str, component: str, sha256: str) -> str:
     return f"{prefix}{component}/{sha256}.tar.gz"
+
+
+def _s3_answer(refusal: ClientError) -> str:
+    """`HTTP 503 SlowDown (Please reduce your request rate.)`; a HEAD's answer has no code or text of its own."""
+    status = refusal.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    error = refusal.response.get("Error", {})
+    code, message = error.get("Code", ""), error.get("Message", "")
+    answer = f"HTTP {status}" + (f" {code}" if code and code != str(status) else "")
+    return f"{answer} ({message})" if message else answer
+
+
+def _what_to_do(status: int | None, bucket: str, prefix: str) -> str:
+    if status == 403:
+        return (f"the flow's AWS identity needs s3:PutObject and s3:GetObject on arn:aws:s3:::{bucket}/{prefix}* "
+                f"and s3:ListBucket on arn:aws:s3:::{bucket}")
+    if status == 404:
+        return f"check aws.bucket: there is no bucket {bucket}"
+    if status == 301:
+        return f"set aws.region to the region of the bucket {bucket}"
+    if status is not None and (status >= 500 or status == 429):
+        return ("S3 failed or throttled through every retry; rerun later, and if it persists "
+                "check S3 on the AWS Health Dashboard")
+    return "see S3's error code; the request went to the bucket named in aws.bucket"
+
+
+@contextmanager
+def _explained(doing: str, bucket: str, prefix: str) -> Iterator[None]:
+    """Raise S3's refusal as ContextUploadFailed.
+
+    boto3 wraps an upload's refusal in S3UploadFailedError, whose text drops the
+    status and which no retry policy would recognise as transient."""
+    try:
+        yield
+    except (ClientError, S3UploadFailedError) as exc:
+        refusal = exc if isinstance(exc, ClientError) else exc.__context__
+        if not isinstance(refusal, ClientError):
+            raise ContextUploadFailed(f"S3 refused {doing}: {exc}", None) from exc
+        status = refusal.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        raise ContextUploadFailed(
+            f"S3 answered {_s3_answer(refusal)} to {doing}. Fix: {_what_to_do(status, bucket, prefix)}", status
+        ) from exc
 
 
 def _existing_size(s3, bucket: str, key: str) -> int | None:
@@ -41,6 +100,21 @@ def _existing_size(s3, bucket: str, key: str) -> int | None:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
             return None
         raise
+
+
+def _presigning_client(credentials: AwsCredentials):
+    """An S3 client that presigns with SigV4.
+
+    botocore still presigns with SigV2 in the regions that once accepted it; AWS
+    has deprecated SigV2 for S3, and its URLs carry an absolute `Expires` where
+    SigV4's state their signing time and lifetime (`X-Amz-Date`, `X-Amz-Expires`).
+    """
+    params = credentials.aws_client_parameters.get_params_override()
+    sigv4 = Config(signature_version="s3v4")
+    params["config"] = params["config"].merge(sigv4) if "config" in params else sigv4
+    if credentials.region_name:
+        params["region_name"] = credentials.region_name
+    return credentials.get_boto3_session().client("s3", **params)
 
 
 def upload_context(
@@ -54,14 +128,19 @@ def upload_context(
 ) -> UploadedContext:
     s3 = credentials.get_s3_client()
     key = context_key(prefix, component, archive.sha256)
-    uploaded = _existing_size(s3, bucket, key) != archive.bytes
+    with _explained(f"the check whether s3://{bucket}/{key} exists", bucket, prefix):
+        uploaded = _existing_size(s3, bucket, key) != archive.bytes
     if uploaded:
-        S3Bucket(bucket_name=bucket, credentials=credentials).upload_from_path(
-            archive.path, key, ExtraArgs={"ChecksumAlgorithm": "SHA256", "ContentType": "application/gzip"}, _sync=True
+        with _explained(f"the upload of the build context to s3://{bucket}/{key}", bucket, prefix):
+            S3Bucket(bucket_name=bucket, credentials=credentials).upload_from_path(
+                archive.path, key, ExtraArgs={"ChecksumAlgorithm": "SHA256", "ContentType": "application/gzip"},
+                _sync=True,
+            )
+    presigner = _presigning_client(credentials)
+    with carrying_secrets():
+        url = presigner.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_seconds
         )
-    url = s3.generate_presigned_url(
-        "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_seconds
-    )
     return UploadedContext(
         bucket=bucket,
         key=key,

@@ -28,12 +28,7 @@ class AwsSandbox:
         self._server.stop()
 
     def credentials(self, region: str) -> AwsCredentials:
-        return AwsCredentials(
-            aws_access_key_id=SANDBOX_KEY,
-            aws_secret_access_key="sandbox-secret-key",
-            region_name=region,
-            aws_client_parameters=AwsClientParameters(endpoint_url=self.url),
-        )
+        return sandbox_credentials(self.url, region)
 
     def client(self, service: str, region: str):
         return boto3.client(
@@ -59,3 +54,13 @@ class AwsSandbox:
             if component.image not in repositories:
                 ecr.create_repository(repositoryName=component.image)
                 repositories.add(component.image)
+
+
+def sandbox_credentials(url: str, region: str) -> AwsCredentials:
+    """Credentials for a sandbox's moto server, also from another process that only knows its URL."""
+    return AwsCredentials(
+        aws_access_key_id=SANDBOX_KEY,
+        aws_secret_access_key="sandbox-secret-key",
+        region_name=region,
+        aws_client_parameters=AwsClientParameters(endpoint_url=url),
+    )

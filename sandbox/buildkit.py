@@ -35,6 +35,14 @@ class ContractError(Exception):
     """What real BuildKit would have failed with."""
 
 
+class Killed(Exception):
+    """The container was killed (SIGKILL, exit code 137) while a step ran: the kernel's OOM killer or a kubelet."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def is_buildkit_pod(pod: dict) -> bool:
     containers = pod.get("spec", {}).get("containers", [])
     return any("buildkit" in c.get("image", "") for c in containers)
@@ -89,12 +97,15 @@ class RawJsonProgress:
     def _emit(self, status: dict) -> None:
         self._handle.log(json.dumps(status))
 
-    def step(self, name: str, *, cached: bool = False, output: str = "", seconds: float = 0.0,
-             error: str | None = None) -> None:
+    def _vertex(self, name: str) -> dict:
         self._count += 1
         digest = "sha256:" + hashlib.sha256(f"{self._count}{name}".encode()).hexdigest()
-        started = _now()
-        vertex = {"digest": digest, "name": name, "started": started}
+        return {"digest": digest, "name": name, "started": _now()}
+
+    def step(self, name: str, *, cached: bool = False, output: str = "", seconds: float = 0.0,
+             error: str | None = None) -> None:
+        vertex = self._vertex(name)
+        digest, started = vertex["digest"], vertex["started"]
         if cached:
             self._emit({"vertexes": [{**vertex, "completed": started, "cached": True}]})
             return
@@ -105,14 +116,24 @@ class RawJsonProgress:
         time.sleep(seconds)
         self._emit({"vertexes": [{**vertex, "completed": _now(), **({"error": error} if error else {})}]})
 
+    def started(self, name: str) -> None:
+        """A step that starts and never ends: the process died under it."""
+        self._emit({"vertexes": [self._vertex(name)]})
+
 
 @dataclass
 class SimulatedBuildKit:
+    """The BuildKit pod's behaviour. Tests steer builds by image repository: `build_seconds` spreads
+    that much time over the steps, `failures` fails the first RUN step with that text, and `kills`
+    kills the container when the first RUN step has started, exit code 137 with that termination
+    reason (`OOMKilled`, or `Error` for a SIGKILL from elsewhere) and no metadata written."""
+
     emulator: KubeEmulator
     aws: AwsSandbox
     region: str = "us-west-2"
     build_seconds: dict[str, float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    kills: dict[str, str] = field(default_factory=dict)
     builds: list[dict] = field(default_factory=list)
     exported_caches: set[str] = field(default_factory=set)
 
@@ -124,6 +145,9 @@ class SimulatedBuildKit:
         started = time.monotonic()
         try:
             record = self._build(handle)
+        except Killed as exc:
+            handle.terminate(137, reason=exc.reason)
+            return
         except ContractError as exc:
             handle.log(f"error: failed to solve: {exc}")
             handle.terminate(1, message=f"error: failed to solve: {exc}")
@@ -164,8 +188,13 @@ class SimulatedBuildKit:
                           output="failed to configure registry cache importer: not found\n")
         seconds = self.build_seconds.get(repository, 0.0) / max(len(instructions), 1)
         failure = self.failures.get(repository)
+        kill = self.kills.get(repository)
         for number, instruction in enumerate(instructions, 1):
             name = f"[{number}/{len(instructions)}] {instruction}"
+            if kill and instruction.startswith("RUN"):
+                progress.started(name)
+                time.sleep(seconds)
+                raise Killed(kill)
             if failure and instruction.startswith("RUN"):
                 progress.step(name, output=failure + "\n", error=failure, seconds=seconds)
                 raise ContractError(failure)

@@ -25,3 +25,16 @@ def commit_all(repo: git.Repo | Path, message: str) -> str:
     repo.git.add("--all")
     repo.index.commit(message, author=AUTHOR, committer=AUTHOR)
     return repo.head.commit.hexsha
+
+
+def add_agent(pipeline_file: Path, name: str) -> None:
+    """Add and commit a second agent built like `weather-agent`: its own context folder, values file and
+    release in `agents`, deployed after `weather-mcp`."""
+    root = pipeline_file.parent
+    shutil.copytree(root / "agents/weather/agent", root / f"agents/{name}")
+    shutil.copy(root / "manifests/helm/values/weather-agent.yaml", root / f"manifests/helm/values/{name}.yaml")
+    text = pipeline_file.read_text()
+    agent_entry = text[text.index("  - name: weather-agent"):]
+    pipeline_file.write_text(text + agent_entry.replace("weather-agent", name).replace("agents/weather/agent",
+                                                                                       f"agents/{name}"))
+    commit_all(root, f"Add {name}")

@@ -74,7 +74,8 @@ def flow_logs(flow_run_id: str) -> list[str]:
 def test_build_log_lines_reach_the_prefect_log_before_the_job_finishes(prefect_server, sandbox, example_app,
                                                                        slow_mcp_build):
     slow_mcp_build(8)
-    thread, outcome = in_background(example_app, deploy=False)
+    # without the registry cache an earlier build of the same context in this session cannot make the steps instant
+    thread, outcome = in_background(example_app, deploy=False, no_cache=True)
     [job] = wait_for(lambda: jobs(sandbox, example_app, MCP))
     flow_run_id = job["metadata"]["labels"]["buildkit-pipeline/flow-run"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from prefect.settings import PREFECT_API_URL
 
 from blocks.target import BuildKitPipelineTarget
 from flows.config import load_config
-from sandbox.example import commit_all
+from sandbox.example import add_agent, commit_all
 from tests.conftest import REPO_ROOT
 
 MCP_REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/weather-mcp"
@@ -64,13 +63,9 @@ def served(prefect_server, sandbox, example_app):
 def test_three_components_build_in_parallel_and_agents_deploy_after_the_mcp_server(prefect_server, sandbox,
                                                                                   example_app):
     app = example_app
-    shutil.copytree(app.root / "agents/weather/agent", app.root / "agents/travel/agent")
-    shutil.copy(app.root / "manifests/helm/values/weather-agent.yaml", app.root / "manifests/helm/values/travel-agent.yaml")
-    text = app.pipeline_file.read_text()
-    agent_block = text[text.index("  - name: weather-agent"):]
-    travel = agent_block.replace("weather-agent", "travel-agent").replace("agents/weather/agent", "agents/travel/agent")
-    app.pipeline_file.write_text(text.replace("mode: privileged}", "mode: privileged, cache: none}") + travel)
-    commit_all(app.root, "A travel agent")
+    add_agent(app.pipeline_file, "travel-agent")
+    app.pipeline_file.write_text(app.pipeline_file.read_text().replace("mode: privileged}", "mode: privileged, cache: none}"))
+    commit_all(app.root, "No registry cache")
     sandbox.prepare(load_config(app.pipeline_file))
     repositories = {name: f"123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/{name}"
                     for name in ("weather-mcp", "weather-agent", "travel-agent")}

@@ -199,13 +199,15 @@ class KubeEmulator:
             self._server.records.clear()
 
     def inject_fault(self, method: str, path_regex: str, status: int, times: int = 1, *,
-                     after: bool = False) -> None:
+                     after: bool = False, retry_after: int | None = None) -> None:
         """The next `times` requests whose method and path (re.search) match answer `status`.
 
         With after=True the request is performed first and its response replaced: a
-        response lost on the way back."""
+        response lost on the way back. `retry_after` (seconds) adds the `Retry-After`
+        header and `details.retryAfterSeconds`, as the API server sends with a 429."""
         with self._server.lock:
-            self._server.faults.append(Fault(method.upper(), re.compile(path_regex), status, times, after))
+            self._server.faults.append(Fault(method.upper(), re.compile(path_regex), status, times, after,
+                                             retry_after))
 
     def clear_faults(self) -> None:
         with self._server.lock:

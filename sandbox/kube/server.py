@@ -52,6 +52,7 @@ class Fault:
     status: int
     remaining: int
     after: bool
+    retry_after: int | None = None
 
     def matches(self, method: str, path: str) -> bool:
         return (self.method in ("*", method.upper())) and bool(self.path_regex.search(path))
@@ -110,6 +111,17 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 def error_response(exc: errors.ApiError) -> web.Response:
     return json_response(exc.status(), exc.code)
+
+
+def fault_response(fault: Fault) -> web.Response:
+    """The injected error; with `retry_after`, the header and Status detail a throttling API server sends."""
+    if fault.retry_after is None:
+        return error_response(errors.injected(fault.status))
+    exc = errors.ApiError(fault.status, errors.injected(fault.status).message,
+                          details={"retryAfterSeconds": fault.retry_after})
+    response = error_response(exc)
+    response.headers["Retry-After"] = str(fault.retry_after)
+    return response
 
 
 def decode_body(raw: bytes, content_type: str) -> Any:
@@ -178,7 +190,7 @@ class ApiServer:
             self.records.append(record)
         fault = self._take_fault(request.method, request.path)
         if fault is not None and not fault.after:
-            response: web.StreamResponse = error_response(errors.injected(fault.status))
+            response: web.StreamResponse = fault_response(fault)
         else:
             try:
                 response = await self.dispatch(request, route, query, record)
@@ -188,7 +200,7 @@ class ApiServer:
                 log.exception("the emulator failed on %s %s", request.method, request.path_qs)
                 response = error_response(errors.ApiError(500, f"emulator bug: {exc!r}", "InternalError"))
             if fault is not None and not response.prepared:
-                response = error_response(errors.injected(fault.status))
+                response = fault_response(fault)
         if not record.status:
             record.status = response.status
         return response
