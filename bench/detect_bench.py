@@ -9,10 +9,13 @@ writes the Job's Complete condition; the sample is the time from that moment
 until the waiting code returns.
 
 - `detect_p50_s`, `detect_p95_s`: `flows.build_run.wait_for_job`, the watch
-  the flow's build stage waits on, WATCH_SAMPLES Jobs, ten at a time.
+  the flow's build stage waits on, WATCH_SAMPLES Jobs.
 - `detect_poll_p50_s`, `detect_poll_p95_s`: prefect-kubernetes'
   `KubernetesJob(interval_seconds=5)` and `KubernetesJobRun.await_for_completion`,
-  which reads the Job every 5 s, POLL_SAMPLES Jobs at once.
+  which reads the Job and lists its Pods every 5 s, each read with a new API
+  client, POLL_SAMPLES Jobs.
+
+Both wait for ten Jobs at a time in one process, as a run with ten builds does.
 
 Output: one `name: value` line per figure. From the repository root:
 
@@ -40,7 +43,7 @@ from flows.kube import kube_api
 from sandbox.kube import KubeEmulator
 
 NAMESPACE = "detect"
-WATCH_SAMPLES, WATCH_AT_ONCE, POLL_SAMPLES, POLL_INTERVAL = 40, 10, 20, 5
+WATCH_SAMPLES, POLL_SAMPLES, AT_ONCE, POLL_INTERVAL = 40, 20, 10, 5
 POD_SECONDS = (0.5, 10.5)
 
 
@@ -91,16 +94,20 @@ async def polled(kubeconfig: str, name: str) -> float:
     return time.perf_counter()
 
 
+async def latencies(wait, prefix: str, samples: int, kubeconfig: str, clock: CompletionClock) -> list[float]:
+    """Run `samples` Jobs, AT_ONCE at a time, each waited for by `wait`; the detection latency of each."""
+    found = []
+    for batch in range(samples // AT_ONCE):
+        names = [f"{prefix}-{batch}-{i}" for i in range(AT_ONCE)]
+        noticed = await asyncio.gather(*(wait(kubeconfig, name) for name in names))
+        found += [clock.latency(name, t) for name, t in zip(names, noticed)]
+    return found
+
+
 @flow(name="detect-bench")
 async def detect(kubeconfig: str, clock: CompletionClock) -> tuple[list[float], list[float]]:
-    watch_latencies = []
-    for batch in range(WATCH_SAMPLES // WATCH_AT_ONCE):
-        names = [f"watch-{batch}-{i}" for i in range(WATCH_AT_ONCE)]
-        noticed = await asyncio.gather(*(watched(kubeconfig, name) for name in names))
-        watch_latencies += [clock.latency(name, t) for name, t in zip(names, noticed)]
-    names = [f"poll-{i}" for i in range(POLL_SAMPLES)]
-    noticed = await asyncio.gather(*(polled(kubeconfig, name) for name in names))
-    return watch_latencies, [clock.latency(name, t) for name, t in zip(names, noticed)]
+    return (await latencies(watched, "watch", WATCH_SAMPLES, kubeconfig, clock),
+            await latencies(polled, "poll", POLL_SAMPLES, kubeconfig, clock))
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
