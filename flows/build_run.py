@@ -22,6 +22,7 @@ from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 from prefect_aws import AwsCredentials
 
+from flows.aws import aws_client
 from flows.build import (
     CONTAINER,
     BuildFailed,
@@ -43,7 +44,7 @@ LOG_DRAIN_SECONDS = 2.0
 
 def existing_image(credentials: AwsCredentials, registry: str, image: ImageRef) -> str | None:
     """The digest of an image already pushed for this exact context (its `ctx-` tag), if any."""
-    ecr = credentials.get_client("ecr")
+    ecr = aws_client(credentials, "ecr")
     repository = image.repository.removeprefix(f"{registry}/")
     try:
         details = ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": image.context_tag}])
@@ -54,7 +55,7 @@ def existing_image(credentials: AwsCredentials, registry: str, image: ImageRef) 
 
 def tag_existing_image(credentials: AwsCredentials, registry: str, image: ImageRef, digest: str) -> None:
     """Give a reused image this run's tags, so `<commit12>` names what was deployed."""
-    ecr = credentials.get_client("ecr")
+    ecr = aws_client(credentials, "ecr")
     repository = image.repository.removeprefix(f"{registry}/")
     [found] = ecr.batch_get_image(repositoryName=repository, imageIds=[{"imageDigest": digest}])["images"]
     for tag in image.tags:

@@ -14,6 +14,7 @@ from datetime import datetime
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from flows.aws import aws_client
 from flows.config import ECR_HOST
 from flows.kube import carrying_secrets
 
@@ -27,7 +28,7 @@ class RegistryToken(BaseModel):
 
 
 def mint_ecr_token(credentials: AwsCredentials, registry: str) -> RegistryToken:
-    ecr = credentials.get_client("ecr")
+    ecr = aws_client(credentials, "ecr")
     match = ECR_HOST.match(registry)
     with carrying_secrets():
         response = ecr.get_authorization_token(**({"registryIds": [match["account"]]} if match else {}))

@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from botocore.exceptions import BotoCoreError, ClientError, ConnectionError as BotoConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 from prefect import task
 from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
@@ -19,6 +20,7 @@ from prefect_aws import AwsCredentials
 from pydantic import SecretStr
 
 from flows import build, build_run, deploy, package, plan, registry_auth, source, upload
+from flows.aws import aws_client
 from flows.config import BuildSecretSpec, PipelineConfig, ReleaseSpec
 from flows.kube import carrying_secrets, is_transient_api_error
 
@@ -83,7 +85,7 @@ async def read_build_secrets(credentials: AwsCredentials, secrets: list[BuildSec
     wanted = [s for s in secrets if s.aws_secrets_manager]
     if not wanted:
         return {}
-    client = credentials.get_client("secretsmanager")
+    client = aws_client(credentials, "secretsmanager")
     with carrying_secrets():
         return {
             s.id: (await asyncio.to_thread(client.get_secret_value, SecretId=s.aws_secrets_manager))["SecretString"]

@@ -13,11 +13,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
 from boto3.exceptions import S3UploadFailedError
-from botocore.config import Config
 from botocore.exceptions import ClientError
-from prefect_aws import AwsCredentials, S3Bucket
+from prefect_aws import AwsCredentials
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from flows.aws import aws_client
 from flows.kube import carrying_secrets
 from flows.package import PackagedContext
 
@@ -102,21 +102,6 @@ def _existing_size(s3, bucket: str, key: str) -> int | None:
         raise
 
 
-def _presigning_client(credentials: AwsCredentials):
-    """An S3 client that presigns with SigV4.
-
-    botocore still presigns with SigV2 in the regions that once accepted it; AWS
-    has deprecated SigV2 for S3, and its URLs carry an absolute `Expires` where
-    SigV4's state their signing time and lifetime (`X-Amz-Date`, `X-Amz-Expires`).
-    """
-    params = credentials.aws_client_parameters.get_params_override()
-    sigv4 = Config(signature_version="s3v4")
-    params["config"] = params["config"].merge(sigv4) if "config" in params else sigv4
-    if credentials.region_name:
-        params["region_name"] = credentials.region_name
-    return credentials.get_boto3_session().client("s3", **params)
-
-
 def upload_context(
     archive: PackagedContext,
     *,
@@ -126,19 +111,16 @@ def upload_context(
     component: str,
     ttl_seconds: int,
 ) -> UploadedContext:
-    s3 = credentials.get_s3_client()
+    s3 = aws_client(credentials, "s3")
     key = context_key(prefix, component, archive.sha256)
     with _explained(f"the check whether s3://{bucket}/{key} exists", bucket, prefix):
         uploaded = _existing_size(s3, bucket, key) != archive.bytes
     if uploaded:
         with _explained(f"the upload of the build context to s3://{bucket}/{key}", bucket, prefix):
-            S3Bucket(bucket_name=bucket, credentials=credentials).upload_from_path(
-                archive.path, key, ExtraArgs={"ChecksumAlgorithm": "SHA256", "ContentType": "application/gzip"},
-                _sync=True,
-            )
-    presigner = _presigning_client(credentials)
+            s3.upload_file(str(archive.path), bucket, key,
+                           ExtraArgs={"ChecksumAlgorithm": "SHA256", "ContentType": "application/gzip"})
     with carrying_secrets():
-        url = presigner.generate_presigned_url(
+        url = s3.generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_seconds
         )
     return UploadedContext(
