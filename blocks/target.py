@@ -15,7 +15,7 @@ from typing import AsyncIterator
 
 import yaml
 from prefect.blocks.core import Block
-from prefect_aws import AwsCredentials
+from prefect_aws import AwsCredentials, S3Bucket
 from prefect_kubernetes.credentials import KubernetesCredentials
 from pydantic import Field
 
@@ -28,6 +28,9 @@ class BuildKitPipelineTarget(Block):
     _description = "The AWS credentials and Kubernetes cluster that buildkit-pipeline builds and deploys with."
 
     aws_credentials: AwsCredentials = Field(description="credentials for S3 (contexts) and ECR (tokens)")
+    context_bucket: S3Bucket | None = Field(
+        default=None, description="the S3 bucket for build contexts; the pipeline file's aws.bucket when empty"
+    )
     kubernetes: KubernetesCredentials | None = Field(
         default=None, description="the cluster; empty means the in-cluster service account or ~/.kube/config"
     )

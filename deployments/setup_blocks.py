@@ -1,11 +1,13 @@
 """Create the blocks a deployment uses from environment variables.
 
     AWS_REGION=us-west-2 [AWS_PROFILE=... | AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=...] \
-    KUBECONFIG=~/.kube/eks-config [KUBE_CONTEXT=...] \
+    KUBECONFIG=~/.kube/eks-config [KUBE_CONTEXT=...] [BUILDKIT_PIPELINE_BUCKET=my-build-bucket] \
     python -m deployments.setup_blocks --name production
 
 Saves `<name>-aws` (AwsCredentials), `<name>-cluster` (KubernetesCredentials, from the
-kubeconfig file; omitted with --in-cluster) and `<name>` (BuildKit Pipeline Target).
+kubeconfig file; omitted with --in-cluster), `<name>-contexts` (S3Bucket, the bucket for
+build contexts; only with BUILDKIT_PIPELINE_BUCKET, else the pipeline file's `aws.bucket`
+is used) and `<name>` (BuildKit Pipeline Target, naming the others).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 from pathlib import Path
 
 import yaml
-from prefect_aws import AwsClientParameters, AwsCredentials
+from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
 from prefect_kubernetes.credentials import KubernetesClusterConfig, KubernetesCredentials
 from pydantic import SecretStr
 
@@ -41,11 +43,15 @@ def cluster_from_kubeconfig(path: Path, context: str | None) -> KubernetesCreden
         config=document, context_name=context or document["current-context"]))
 
 
-def save_target(name: str, aws: AwsCredentials, cluster: KubernetesCredentials | None) -> BuildKitPipelineTarget:
+def save_target(name: str, aws: AwsCredentials, cluster: KubernetesCredentials | None,
+                bucket: str | None = None) -> BuildKitPipelineTarget:
     aws.save(f"{name}-aws", overwrite=True)
     if cluster is not None:
         cluster.save(f"{name}-cluster", overwrite=True)
-    target = BuildKitPipelineTarget(aws_credentials=aws, kubernetes=cluster)
+    contexts = S3Bucket(bucket_name=bucket, credentials=aws) if bucket else None
+    if contexts is not None:
+        contexts.save(f"{name}-contexts", overwrite=True)
+    target = BuildKitPipelineTarget(aws_credentials=aws, kubernetes=cluster, context_bucket=contexts)
     target.save(name, overwrite=True)
     return target
 
@@ -59,8 +65,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.in_cluster:
         kubeconfig = Path(os.environ.get("KUBECONFIG", "~/.kube/config")).expanduser()
         cluster = cluster_from_kubeconfig(kubeconfig, os.environ.get("KUBE_CONTEXT"))
-    save_target(args.name, aws_credentials_from_environment(), cluster)
-    print(f"saved blocks {args.name}-aws{'' if args.in_cluster else f', {args.name}-cluster'} and target {args.name}")
+    bucket = os.environ.get("BUILDKIT_PIPELINE_BUCKET")
+    save_target(args.name, aws_credentials_from_environment(), cluster, bucket)
+    saved = [f"{args.name}-aws", *([] if args.in_cluster else [f"{args.name}-cluster"]),
+             *([f"{args.name}-contexts"] if bucket else [])]
+    print(f"saved blocks {', '.join(saved)} and target {args.name}")
 
 
 if __name__ == "__main__":

@@ -90,17 +90,27 @@ def timed(result: ComponentResult, stage: str):
         result.spans[stage] = (round(started - RUN_STARTED.get(), 3), round(ended - RUN_STARTED.get(), 3))
 
 
+@dataclass(frozen=True)
+class Connection:
+    credentials: AwsCredentials
+    kubeconfig: str | None
+    bucket: str
+
+
 @contextlib.asynccontextmanager
 async def connection(
     target: str | None, aws_credentials: AwsCredentials | None, kubeconfig: str | None, config: PipelineConfig
-) -> AsyncIterator[tuple[AwsCredentials, str | None]]:
-    """AWS credentials and a kubeconfig path: given directly, from a target block, or the defaults."""
+) -> AsyncIterator[Connection]:
+    """AWS credentials, a kubeconfig path and the context bucket: given directly, from a target block, or the
+    pipeline file's."""
     if target:
         block = await BuildKitPipelineTarget.aload(target)
+        bucket = block.context_bucket.bucket_name if block.context_bucket else config.aws.bucket
         async with block.kubeconfig() as path:
-            yield aws_credentials or block.aws_credentials, kubeconfig or path
+            yield Connection(aws_credentials or block.aws_credentials, kubeconfig or path, bucket)
     else:
-        yield aws_credentials or AwsCredentials(region_name=config.aws.region), kubeconfig
+        yield Connection(aws_credentials or AwsCredentials(region_name=config.aws.region), kubeconfig,
+                         config.aws.bucket)
 
 
 async def package_all(
@@ -139,6 +149,7 @@ class Run:
     credentials: AwsCredentials
     api: object
     kubeconfig: str | None
+    bucket: str
     skip_unchanged: bool
     no_cache: bool
     build_slots: asyncio.Semaphore
@@ -204,7 +215,7 @@ class Run:
         config = self.config
         with timed(result, "upload"):
             uploaded = await tasks.upload_context(
-                archive, self.credentials, bucket=config.aws.bucket, prefix=config.aws.prefix,
+                archive, self.credentials, bucket=self.bucket, prefix=config.aws.prefix,
                 component=component.name, ttl_seconds=config.aws.presign_ttl_seconds,
             )
         result.context_uploaded = uploaded.uploaded
@@ -286,8 +297,8 @@ async def clean_up_run(flow, run, state) -> None:
         config = load_config(Path(parameters["config"]))
     except (KeyError, ConfigError):
         return
-    async with connection(parameters.get("target"), None, parameters.get("kubeconfig"), config) as (_, kubeconfig):
-        async with kube_api(kubeconfig) as api:
+    async with connection(parameters.get("target"), None, parameters.get("kubeconfig"), config) as connected:
+        async with kube_api(connected.kubeconfig) as api:
             deleted = await delete_run_objects(api, config.build.namespace, str(run.id))
     flow_run_logger(run, flow).info("deleted %d build objects of run %s", deleted, run.name)
 
@@ -318,10 +329,10 @@ async def build_and_deploy(
             results[component.name].outcome = "planned"
     else:
         await ensure_limit(BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT)
-        async with connection(target, aws_credentials, kubeconfig, pipeline) as (credentials, kube_path):
-            async with kube_api(kube_path) as api:
-                run = Run(pipeline, source, archives, results, credentials, api, kube_path, skip_unchanged,
-                          no_cache, asyncio.Semaphore(max_parallel_builds),
+        async with connection(target, aws_credentials, kubeconfig, pipeline) as connected:
+            async with kube_api(connected.kubeconfig) as api:
+                run = Run(pipeline, source, archives, results, connected.credentials, api, connected.kubeconfig,
+                          connected.bucket, skip_unchanged, no_cache, asyncio.Semaphore(max_parallel_builds),
                           finished={c.name: asyncio.Event() for c in selected})
                 await asyncio.gather(*(run.component(c, deploy) for c in selected))
     result = PipelineResult(commit=source.commit, ref=source.ref, components=list(results.values()),

@@ -12,9 +12,11 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
+from prefect_aws import S3Bucket
 
 from blocks.target import BuildKitPipelineTarget
 from flows.config import load_config
+from flows.pipeline import connection
 from sandbox.example import add_agent, commit_all
 from tests.conftest import REPO_ROOT
 
@@ -132,12 +134,27 @@ def test_blocks_register_and_the_setup_script_builds_a_working_target(prefect_se
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sandbox-secret-key")
     monkeypatch.setenv("AWS_ENDPOINT_URL", sandbox.aws.url)
     monkeypatch.setenv("KUBECONFIG", str(sandbox.kubeconfig))
+    monkeypatch.setenv("BUILDKIT_PIPELINE_BUCKET", "setup-test-contexts")
+    sandbox.aws.client("s3", "us-west-2").create_bucket(
+        Bucket="setup-test-contexts", CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
     from deployments.setup_blocks import main as setup_blocks
 
     setup_blocks(["--name", "setup-test"])
 
     target = BuildKitPipelineTarget.load("setup-test")
     assert target.aws_credentials.get_client("sts").get_caller_identity()["Account"] == "123456789012"
+    contexts = S3Bucket.load("setup-test-contexts")
+    assert contexts.bucket_name == target.context_bucket.bucket_name == "setup-test-contexts"
+    contexts.write_path("probe.txt", b"written through the block")
+    assert contexts.read_path("probe.txt") == b"written through the block"
+    config = load_config(REPO_ROOT / "examples" / "weather-app" / "buildkit-pipeline.yaml")
+
+    async def bucket_a_run_uses() -> str:
+        async with connection("setup-test", None, None, config) as connected:
+            return connected.bucket
+
+    assert config.aws.bucket != "setup-test-contexts"
+    assert asyncio.run(bucket_a_run_uses()) == "setup-test-contexts"
 
     async def cluster_namespaces() -> list[str]:
         from kubernetes_asyncio import client
