@@ -35,8 +35,9 @@ from flows.build import (
     read_digest,
     terminated_state,
 )
-from flows.kube import as_dict, carrying_secrets, with_retries
+from flows.kube import as_dict, with_retries
 from flows.registry_auth import RegistryToken, owned_by, registry_secret_manifest
+from flows.secrecy import carrying_secrets
 
 LOG_TAIL_LINES = 50
 LOG_DRAIN_SECONDS = 2.0

@@ -25,7 +25,12 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from flows.config import ReleaseSpec
 from flows.limits import ensure_limit
-from flows.rollout import PodProblemRecorder, RolloutFailed, manifest_deployments, verify_rollout
+from flows.rollout import (
+    PodProblemRecorder,
+    RolloutFailed,
+    manifest_deployments,
+    verify_rollout,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGEST_PLACEHOLDER = "sha256:<digest>"

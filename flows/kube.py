@@ -1,13 +1,11 @@
-"""A Kubernetes API client for the flow, from a kubeconfig file or the in-cluster service account;
-and `carrying_secrets`, which keeps the API clients' debug output of secret-carrying calls out of the logs."""
+"""A Kubernetes API client for the flow, from a kubeconfig file or the in-cluster service account, and per-request
+retries of transient API errors."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from contextlib import asynccontextmanager, contextmanager
-from contextvars import ContextVar
-from typing import AsyncIterator, Awaitable, Callable, Iterator, TypeVar
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -65,38 +63,3 @@ async def with_retries(call: Callable[[], Awaitable[T]], delays: tuple[float, ..
                 raise
             await asyncio.sleep(retry_after_seconds(exc) or delay)
     return await call()
-
-
-_CARRYING_SECRETS: ContextVar[bool] = ContextVar("carrying_secrets", default=False)
-BODY_LOGGERS = ("botocore.auth", "botocore.endpoint", "botocore.parsers", "kubernetes_asyncio.client.rest")
-WITHHELD = "(debug output withheld: the call carries a secret)"
-
-
-class _WithholdSecretTraffic(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.INFO and _CARRYING_SECRETS.get():
-            record.msg, record.args = WITHHELD, ()
-        return True
-
-
-_WITHHOLD = _WithholdSecretTraffic()
-for _name in BODY_LOGGERS:
-    logging.getLogger(_name).addFilter(_WITHHOLD)
-
-
-@contextmanager
-def carrying_secrets() -> Iterator[None]:
-    """Withhold the DEBUG records in which the AWS and Kubernetes clients print bodies and signatures.
-
-    At DEBUG, botocore logs every response body (an ECR token, a Secrets Manager
-    value) and every SigV4 signature (a presigned URL's), and kubernetes_asyncio
-    logs every response body (a Secret's data, a Job's presigned URL), before the
-    caller has seen the value, so nothing can be redacted by value. The switch is a
-    ContextVar: it follows the calls into `asyncio.to_thread` and into tasks created
-    inside, and leaves the records of concurrent calls outside alone.
-    """
-    token = _CARRYING_SECRETS.set(True)
-    try:
-        yield
-    finally:
-        _CARRYING_SECRETS.reset(token)

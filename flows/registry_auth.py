@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from flows.aws import aws_client
 from flows.config import ECR_HOST
-from flows.kube import carrying_secrets
+from flows.secrecy import carrying_secrets
 
 
 class RegistryToken(BaseModel):

@@ -22,7 +22,8 @@ from pydantic import SecretStr
 from flows import build, build_run, deploy, package, plan, registry_auth, source, upload
 from flows.aws import aws_client
 from flows.config import BuildSecretSpec, PipelineConfig, ReleaseSpec
-from flows.kube import carrying_secrets, is_transient_api_error
+from flows.kube import is_transient_api_error
+from flows.secrecy import carrying_secrets
 
 
 def _transient(exc: BaseException) -> bool:

@@ -18,8 +18,8 @@ from prefect_aws import AwsCredentials
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from flows.aws import aws_client
-from flows.kube import carrying_secrets
 from flows.package import PackagedContext
+from flows.secrecy import carrying_secrets
 
 
 class UploadedContext(BaseModel):
@@ -66,13 +66,13 @@ def _what_to_do(status: int | None, bucket: str, prefix: str) -> str:
         return (f"the flow's AWS identity needs s3:PutObject and s3:GetObject on arn:aws:s3:::{bucket}/{prefix}* "
                 f"and s3:ListBucket on arn:aws:s3:::{bucket}")
     if status == 404:
-        return f"check aws.bucket: there is no bucket {bucket}"
+        return f"there is no bucket {bucket}: check aws.bucket, or the target block's context bucket"
     if status == 301:
         return f"set aws.region to the region of the bucket {bucket}"
     if status is not None and (status >= 500 or status == 429):
         return ("S3 failed or throttled through every retry; rerun later, and if it persists "
                 "check S3 on the AWS Health Dashboard")
-    return "see S3's error code; the request went to the bucket named in aws.bucket"
+    return f"see S3's error code; the request went to the bucket {bucket}"
 
 
 @contextmanager
