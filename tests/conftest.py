@@ -15,14 +15,13 @@ os.environ["BUILDKIT_PIPELINE_CACHE"] = str(_SESSION_DIR / "cache")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 import pytest  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
-
 from prefect.client.schemas.objects import State  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.config import PipelineConfig, load_config  # noqa: E402
 from flows.pipeline import build_and_deploy  # noqa: E402
-from sandbox.stack import Sandbox  # noqa: E402
 from sandbox.example import commit_all, create_example_repo  # noqa: E402
+from sandbox.stack import Sandbox  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HELM = REPO_ROOT / ".tools" / "bin" / "helm"
@@ -72,3 +71,13 @@ def example_app(tmp_path, sandbox) -> ExampleApp:
     commit_all(pipeline_file.parent, "Namespaces for this test")
     config = load_config(pipeline_file)
     return ExampleApp(pipeline_file, config, sandbox.prepare(config))
+
+
+def by_name(result) -> dict:
+    return {c.name: c for c in result.components}
+
+
+def jobs(sandbox, app: ExampleApp, component: str | None = None) -> list[dict]:
+    """The build Jobs in the app's build namespace, of one component or all."""
+    return [j for j in sandbox.kube.list("jobs", app.config.build.namespace)
+            if component is None or j["metadata"]["labels"].get("buildkit-pipeline/component") == component]

@@ -14,6 +14,7 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flows.pipeline import PipelineFailed, build_and_deploy
 from sandbox.example import commit_all
+from tests.conftest import by_name, jobs
 
 MCP, AGENT = "weather-mcp", "weather-agent"
 MCP_REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/weather-mcp"
@@ -34,15 +35,6 @@ def failing_mcp_build(sandbox):
         sandbox.buildkit.failures[MCP_REPOSITORY] = text
     yield set_failure
     sandbox.buildkit.failures.pop(MCP_REPOSITORY, None)
-
-
-def by_name(result) -> dict:
-    return {c.name: c for c in result.components}
-
-
-def jobs(sandbox, app, component: str | None = None) -> list[dict]:
-    return [j for j in sandbox.kube.list("jobs", app.config.build.namespace)
-            if component is None or j["metadata"]["labels"]["buildkit-pipeline/component"] == component]
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):

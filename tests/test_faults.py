@@ -26,6 +26,7 @@ from flows import tasks
 from flows.pipeline import PipelineFailed
 from flows.upload import context_key
 from sandbox.faultproxy import FaultProxy
+from tests.conftest import by_name, jobs
 
 MCP = "weather-mcp"
 MCP_REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/weather-mcp"
@@ -83,15 +84,6 @@ def kill_mcp_build(sandbox):
         sandbox.buildkit.kills[MCP_REPOSITORY] = reason
     yield kill
     sandbox.buildkit.kills.pop(MCP_REPOSITORY, None)
-
-
-def by_name(result) -> dict:
-    return {c.name: c for c in result.components}
-
-
-def jobs(sandbox, app, component: str) -> list[dict]:
-    return [j for j in sandbox.kube.list("jobs", app.config.build.namespace)
-            if j["metadata"]["labels"]["buildkit-pipeline/component"] == component]
 
 
 def creates(sandbox, app, resource: str) -> list:

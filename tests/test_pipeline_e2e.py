@@ -8,19 +8,21 @@ import subprocess
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 
 from flows.cli import main
-from flows.pipeline import PipelineResult
 from flows.upload import context_key
 from sandbox.example import commit_all
-from tests.conftest import HELM
+from tests.conftest import HELM, by_name, jobs
 
 ALL_STAGES = ("package", "queue", "upload", "registry-auth", "build", "deploy")
 
 MCP, AGENT = "weather-mcp", "weather-agent"
-
-
 
 
 def timing_artifact(flow_run_id) -> list[dict]:
@@ -50,11 +52,6 @@ def deployed_image(sandbox, namespace: str, name: str) -> str:
     return deployment["spec"]["template"]["spec"]["containers"][0]["image"]
 
 
-def jobs_for(sandbox, app, component: str) -> list[dict]:
-    return [j for j in sandbox.kube.list("jobs", app.config.build.namespace)
-            if j["metadata"]["labels"].get("buildkit-pipeline/component") == component]
-
-
 def test_first_run_builds_pushes_and_deploys_the_exact_image(prefect_server, sandbox, example_app):
     app = example_app
     config = app.config
@@ -67,7 +64,7 @@ def test_first_run_builds_pushes_and_deploys_the_exact_image(prefect_server, san
     body = s3.get_object(Bucket=config.aws.bucket, Key=key)["Body"].read()
     assert hashlib.sha256(body).hexdigest() == mcp.archive_sha256
 
-    [job] = jobs_for(sandbox, app, MCP)
+    [job] = jobs(sandbox, app, MCP)
     assert job["metadata"]["labels"]["buildkit-pipeline/commit"] == result.commit
     pod_spec = job["spec"]["template"]["spec"]
     assert "initContainers" not in pod_spec
@@ -119,10 +116,6 @@ def test_agent_deploys_after_its_mcp_server(prefect_server, sandbox, example_app
     ready = sandbox.kube.get("deployments", mcp_ns, MCP)
     assert ready["status"]["readyReplicas"] == 1
     assert deployment_writes[mcp_ns] < deployment_writes[agent_ns]
-
-
-def by_name(result: PipelineResult) -> dict:
-    return {c.name: c for c in result.components}
 
 
 def test_a_commit_that_changes_one_file_gives_revision_2_and_a_new_digest(prefect_server, sandbox, example_app):
