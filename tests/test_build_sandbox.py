@@ -22,19 +22,13 @@ MCP_CONTEXT = "agents/weather/mcp-servers/weather-mcp-server"
 
 
 @pytest.fixture
-def slow_mcp_build(sandbox):
-    def set_seconds(seconds: float):
-        sandbox.buildkit.build_seconds[MCP_REPOSITORY] = seconds
-    yield set_seconds
-    sandbox.buildkit.build_seconds.pop(MCP_REPOSITORY, None)
+def slow_mcp_build(sandbox, monkeypatch):
+    return lambda seconds: monkeypatch.setitem(sandbox.buildkit.build_seconds, MCP_REPOSITORY, seconds)
 
 
 @pytest.fixture
-def failing_mcp_build(sandbox):
-    def set_failure(text: str):
-        sandbox.buildkit.failures[MCP_REPOSITORY] = text
-    yield set_failure
-    sandbox.buildkit.failures.pop(MCP_REPOSITORY, None)
+def failing_mcp_build(sandbox, monkeypatch):
+    return lambda text: monkeypatch.setitem(sandbox.buildkit.failures, MCP_REPOSITORY, text)
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):

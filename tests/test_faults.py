@@ -33,17 +33,9 @@ MCP_REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/wea
 
 
 @pytest.fixture(autouse=True)
-def quick_build(sandbox):
+def quick_build(sandbox, monkeypatch):
     """A build that takes a moment, so a fault can land while it runs, and keeps the suite fast."""
-    previous = sandbox.buildkit.build_seconds.get(MCP_REPOSITORY)
-    sandbox.buildkit.build_seconds[MCP_REPOSITORY] = 0.5
-    try:
-        yield
-    finally:
-        if previous is None:
-            sandbox.buildkit.build_seconds.pop(MCP_REPOSITORY, None)
-        else:
-            sandbox.buildkit.build_seconds[MCP_REPOSITORY] = previous
+    monkeypatch.setitem(sandbox.buildkit.build_seconds, MCP_REPOSITORY, 0.5)
 
 
 @pytest.fixture(autouse=True)
@@ -79,11 +71,8 @@ def no_retry_waits(monkeypatch):
 
 
 @pytest.fixture
-def kill_mcp_build(sandbox):
-    def kill(reason: str):
-        sandbox.buildkit.kills[MCP_REPOSITORY] = reason
-    yield kill
-    sandbox.buildkit.kills.pop(MCP_REPOSITORY, None)
+def kill_mcp_build(sandbox, monkeypatch):
+    return lambda reason: monkeypatch.setitem(sandbox.buildkit.kills, MCP_REPOSITORY, reason)
 
 
 def creates(sandbox, app, resource: str) -> list:
