@@ -1,4 +1,4 @@
-"""Serve the `nightly` and `on-demand` deployments from one process: the single-box way to run the pipeline.
+"""Serve the `nightly`, `on-demand` and `compare` deployments from one process: the single-box way to run it.
 
     python -m deployments.serve --config buildkit-pipeline.yaml --target production
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import serve
 from prefect.schedules import Cron
 
+from flows.compare import compare_builders
 from flows.pipeline import build_and_deploy
 
 NIGHTLY_CRON, NIGHTLY_TIMEZONE = "0 2 * * *", "Europe/Berlin"
@@ -30,7 +31,12 @@ def deployments(config: str, target: str | None, cron: str = NIGHTLY_CRON, timez
         name="on-demand", parameters={**parameters, "skip_unchanged": True},
         description="Build and deploy from the UI or a script; reuses images of unchanged contexts.",
     )
-    return nightly, on_demand
+    compare = compare_builders.to_deployment(
+        name="compare", parameters=parameters,
+        description="Build every component with BuildKit and with Kaniko from one commit, without deploying, "
+                    "and compare build times, digests, sizes and layers in the builder-comparison artifact.",
+    )
+    return nightly, on_demand, compare
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ import json
 
 from pydantic import BaseModel, ConfigDict
 
-from flows.config import BuildSpec
+from flows.config import Builder, BuildSpec
 from flows.package import PackagedContext
 
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
@@ -23,6 +23,7 @@ BUILD_SECRETS_DIR = "/run/build-secrets"
 CONTEXT_URL_PLACEHOLDER = "<presigned-url>"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "buildkit-pipeline"}
 CONTAINER = "buildkit"
+BUILDKIT_CACHE_TAG = "buildcache"
 
 
 class BuildFailed(RuntimeError):
@@ -75,12 +76,13 @@ class BuildRequest(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     name: str
+    builder: Builder = "buildkit"
     settings: BuildSpec
     context_url: str
     archive: PackagedContext
     image: ImageRef
     registry_secret: str
-    cache_ref: str | None
+    cache_repository: str | None
     no_cache: bool = False
     platforms: list[str] = []
     build_args: dict[str, str] = {}
@@ -97,9 +99,11 @@ def image_ref(repository: str, commit: str, context_sha256: str, *, dirty: bool 
     return ImageRef(repository=repository, tags=[revision, f"ctx-{context_sha256[:12]}", *(["latest"] if latest else [])])
 
 
-def job_name(component: str, context_sha256: str, run_id: str) -> str:
+def job_name(component: str, context_sha256: str, run_id: str, builder: Builder = "buildkit") -> str:
+    """`bk-` for BuildKit, `kn-` for Kaniko: a run that builds a component with both gets two Jobs."""
+    prefix = {"buildkit": "bk-", "kaniko": "kn-"}[builder]
     suffix = f"-{context_sha256[:8]}-{run_id.replace('-', '')[:8]}"
-    return f"bk-{component[: 63 - 3 - len(suffix)].rstrip('-')}{suffix}"
+    return f"{prefix}{component[: 63 - len(prefix) - len(suffix)].rstrip('-')}{suffix}"
 
 
 def _opts(prefix: str, values: dict[str, str]) -> list[str]:
@@ -108,12 +112,13 @@ def _opts(prefix: str, values: dict[str, str]) -> list[str]:
 
 def _cache_flags(request: BuildRequest) -> list[str]:
     """ECR-compatible registry cache; a missing cache on the first build is not an error."""
-    if request.cache_ref is None:
+    if request.cache_repository is None:
         return ["--no-cache"] if request.no_cache else []
-    export = (f"type=registry,ref={request.cache_ref},mode=max,image-manifest=true,oci-mediatypes=true")
+    cache_ref = f"{request.cache_repository}:{BUILDKIT_CACHE_TAG}"
+    export = f"type=registry,ref={cache_ref},mode=max,image-manifest=true,oci-mediatypes=true"
     if request.no_cache:
         return ["--no-cache", "--export-cache", export]
-    return ["--export-cache", export, "--import-cache", f"type=registry,ref={request.cache_ref}"]
+    return ["--export-cache", export, "--import-cache", f"type=registry,ref={cache_ref}"]
 
 
 def buildctl_args(request: BuildRequest) -> list[str]:
@@ -174,46 +179,34 @@ def _secret_volumes(request: BuildRequest) -> tuple[list[dict], list[dict]]:
     return volumes, mounts
 
 
-def build_job_manifest(request: BuildRequest) -> dict:
+def registry_config_volume(request: BuildRequest, mount_path: str) -> tuple[dict, dict]:
+    """The registry Secret as `<mount_path>/config.json`, read-only: the volume and its mount."""
+    volume = {
+        "name": "docker-config",
+        "secret": {"secretName": request.registry_secret, "items": [{"key": ".dockerconfigjson", "path": "config.json"}]},
+    }
+    return volume, {"name": "docker-config", "mountPath": mount_path, "readOnly": True}
+
+
+def build_job(request: BuildRequest, container: dict, volumes: list[dict], pod_security: dict | None = None) -> dict:
+    """The Job around one build container: no retries, a deadline, a TTL, no API token, labelled for cleanup.
+
+    Both builders share it; the container reports through its termination message.
+    """
     settings = request.settings
-    container_security, pod_security, mode_env = _security(settings)
-    state_dir = "/var/lib/buildkit" if settings.mode == "privileged" else "/home/user/.local/share/buildkit"
-    secret_volumes, secret_mounts = _secret_volumes(request)
     pod_labels = {**MANAGED_BY, **request.labels}
     pod_spec = {
         "restartPolicy": "Never",
         "serviceAccountName": settings.service_account,
         "automountServiceAccountToken": False,
-        "securityContext": pod_security,
-        "containers": [
-            {
-                "name": CONTAINER,
-                "image": buildkit_image(settings),
-                "command": ["buildctl-daemonless.sh"],
-                "args": buildctl_args(request),
-                "env": [{"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_DIR}, *mode_env],
-                "securityContext": container_security,
-                "resources": settings.resources.model_dump(exclude_defaults=False),
-                "terminationMessagePath": TERMINATION_MESSAGE_PATH,
-                "terminationMessagePolicy": "File",
-                "volumeMounts": [
-                    {"name": "docker-config", "mountPath": DOCKER_CONFIG_DIR, "readOnly": True},
-                    {"name": "buildkitd-state", "mountPath": state_dir},
-                    *secret_mounts,
-                ],
-            }
-        ],
-        "volumes": [
-            {
-                "name": "docker-config",
-                "secret": {
-                    "secretName": request.registry_secret,
-                    "items": [{"key": ".dockerconfigjson", "path": "config.json"}],
-                },
-            },
-            _state_volume(settings),
-            *secret_volumes,
-        ],
+        **({"securityContext": pod_security} if pod_security is not None else {}),
+        "containers": [{
+            **container,
+            "resources": settings.resources.model_dump(exclude_defaults=False),
+            "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+            "terminationMessagePolicy": "File",
+        }],
+        "volumes": volumes,
     }
     if settings.node_selector:
         pod_spec["nodeSelector"] = dict(settings.node_selector)
@@ -230,6 +223,24 @@ def build_job_manifest(request: BuildRequest) -> dict:
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }
+
+
+def build_job_manifest(request: BuildRequest) -> dict:
+    settings = request.settings
+    container_security, pod_security, mode_env = _security(settings)
+    state_dir = "/var/lib/buildkit" if settings.mode == "privileged" else "/home/user/.local/share/buildkit"
+    secret_volumes, secret_mounts = _secret_volumes(request)
+    config_volume, config_mount = registry_config_volume(request, DOCKER_CONFIG_DIR)
+    container = {
+        "name": CONTAINER,
+        "image": buildkit_image(settings),
+        "command": ["buildctl-daemonless.sh"],
+        "args": buildctl_args(request),
+        "env": [{"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_DIR}, *mode_env],
+        "securityContext": container_security,
+        "volumeMounts": [config_mount, {"name": "buildkitd-state", "mountPath": state_dir}, *secret_mounts],
+    }
+    return build_job(request, container, [config_volume, _state_volume(settings), *secret_volumes], pod_security)
 
 
 def _condition(job: dict, kind: str) -> dict | None:
@@ -249,9 +260,10 @@ def job_outcome(job: dict) -> str | None:
 
 
 def read_digest(termination_message: str) -> str:
-    """The pushed digest from buildctl's metadata JSON."""
+    """The pushed digest: buildctl writes its metadata JSON, Kaniko's `--digest-file` the bare digest."""
+    message = termination_message.strip()
     try:
-        digest = json.loads(termination_message)["containerimage.digest"]
+        digest = message if message.startswith("sha256:") else json.loads(message)["containerimage.digest"]
     except (ValueError, KeyError, TypeError):
         raise BuildFailed(f"the build pushed no digest (metadata: {termination_message[:200]!r})") from None
     if not str(digest).startswith("sha256:"):
@@ -260,9 +272,9 @@ def read_digest(termination_message: str) -> str:
 
 
 def terminated_state(pod: dict) -> dict:
+    """How the build pod's one container ended, or {} while it has not."""
     for status in (pod.get("status") or {}).get("containerStatuses") or []:
-        if status.get("name") == CONTAINER:
-            return ((status.get("state") or {}).get("terminated")) or {}
+        return ((status.get("state") or {}).get("terminated")) or {}
     return {}
 
 

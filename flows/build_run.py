@@ -15,26 +15,27 @@ import asyncio
 import base64
 import contextlib
 import functools
+import json
 import time
 from typing import Callable
 
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 from prefect_aws import AwsCredentials
+from pydantic import BaseModel
 
 from flows.aws import aws_client
 from flows.build import (
-    CONTAINER,
     BuildFailed,
     BuildRequest,
     BuiltImage,
     ImageRef,
-    build_job_manifest,
     describe_failure,
     job_outcome,
     read_digest,
     terminated_state,
 )
+from flows.builders import job_manifest
 from flows.kube import as_dict, with_retries
 from flows.registry_auth import RegistryToken, owned_by, registry_secret_manifest
 from flows.secrecy import carrying_secrets
@@ -65,6 +66,23 @@ def tag_existing_image(credentials: AwsCredentials, registry: str, image: ImageR
                           imageDigest=digest)
         except ecr.exceptions.ImageAlreadyExistsException:
             pass
+
+
+class ImageFacts(BaseModel):
+    size_bytes: int | None
+    layers: int | None
+
+
+def image_facts(credentials: AwsCredentials, registry: str, image: BuiltImage) -> ImageFacts:
+    """The pushed image's size (compressed layers, as ECR counts it) and layer count, from its manifest."""
+    ecr = aws_client(credentials, "ecr")
+    repository = image.repository.removeprefix(f"{registry}/")
+    ids = [{"imageDigest": image.digest}]
+    [details] = ecr.describe_images(repositoryName=repository, imageIds=ids)["imageDetails"]
+    images = ecr.batch_get_image(repositoryName=repository, imageIds=ids)["images"]
+    manifest = json.loads(images[0]["imageManifest"]) if images else {}
+    return ImageFacts(size_bytes=details.get("imageSizeInBytes"),
+                      layers=len(manifest["layers"]) if "layers" in manifest else None)
 
 
 def build_secrets_manifest(name: str, namespace: str, values: dict[str, str], labels: dict[str, str]) -> dict:
@@ -141,7 +159,7 @@ async def wait_for_job(api: client.ApiClient, namespace: str, name: str, resourc
 
 
 async def _started_pod(api: client.ApiClient, namespace: str, job: str) -> str:
-    """The name of the Job's Pod, once its buildkit container has started (or already ended)."""
+    """The name of the Job's Pod, once its build container has started (or already ended)."""
     core = client.CoreV1Api(api)
     while True:
         async with watch.Watch() as stream:
@@ -150,15 +168,15 @@ async def _started_pod(api: client.ApiClient, namespace: str, job: str) -> str:
                 pod = as_dict(api, event["object"])
                 for status in (pod.get("status") or {}).get("containerStatuses") or []:
                     state = status.get("state") or {}
-                    if status.get("name") == CONTAINER and ("running" in state or "terminated" in state):
+                    if "running" in state or "terminated" in state:
                         return pod["metadata"]["name"]
 
 
 async def follow_log(api: client.ApiClient, namespace: str, job: str, on_line: Callable[[str], None]) -> None:
-    """Hand every line the buildkit container writes to `on_line` as it is written."""
+    """Hand every line the build container writes to `on_line` as it is written."""
     pod = await _started_pod(api, namespace, job)
     response = await client.CoreV1Api(api).read_namespaced_pod_log(
-        pod, namespace, container=CONTAINER, follow=True, _preload_content=False
+        pod, namespace, follow=True, _preload_content=False
     )
     try:
         async for raw in response.content:
@@ -184,9 +202,7 @@ async def _log_tail(api: client.ApiClient, namespace: str, pods: list[dict]) -> 
     core = client.CoreV1Api(api)
     for pod in reversed(pods):
         try:
-            return await core.read_namespaced_pod_log(
-                pod["metadata"]["name"], namespace, container=CONTAINER, tail_lines=LOG_TAIL_LINES
-            )
+            return await core.read_namespaced_pod_log(pod["metadata"]["name"], namespace, tail_lines=LOG_TAIL_LINES)
         except ApiException:
             continue
     return ""
@@ -217,7 +233,7 @@ async def run_build(
     the Job in a Secret of its own. `explain` turns a failed build's log tail,
     Job, Pods and events into the reason the error gives.
     """
-    manifest = build_job_manifest(request)
+    manifest = job_manifest(request)
     namespace, name = manifest["metadata"]["namespace"], request.name
     labels = manifest["metadata"]["labels"]
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)

@@ -35,16 +35,18 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    from flows.pipeline import PipelineFailed, build_and_deploy, format_timing
+def _call_flow(args: argparse.Namespace, flow, report, check=lambda config, selected: None, **kwargs) -> int:
+    """Run a flow with the command's config, ref and components, on the sandbox when asked; print its report.
 
-    kwargs = dict(config=str(Path(args.config).resolve()), ref=args.ref, components=_components(args.components),
-                  deploy=not args.no_deploy, skip_unchanged=args.skip_unchanged, no_cache=args.no_cache,
-                  kubeconfig=args.kubeconfig)
+    Bad input (an unknown component, or what `check` refuses) exits 2 before a flow run exists.
+    """
+    from flows.pipeline import PipelineFailed
     from flows.plan import prepare_source, select
 
+    kwargs.update(config=str(Path(args.config).resolve()), ref=args.ref, components=_components(args.components),
+                  kubeconfig=args.kubeconfig)
     config, _ = prepare_source(Path(args.config), args.ref)
-    select(config, kwargs["components"])  # an unknown name is bad input, rejected before a flow run exists
+    check(config, select(config, kwargs["components"]))
     sandbox = None
     if args.sandbox:
         from sandbox.stack import Sandbox
@@ -52,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
         sandbox = Sandbox().start()
         kwargs.update(sandbox.prepare(config))
     try:
-        state = build_and_deploy(**kwargs, return_state=True)
+        state = flow(**kwargs, return_state=True)
         if asyncio.iscoroutine(state):
             state = asyncio.run(state)
         try:
@@ -60,11 +62,24 @@ def _run(args: argparse.Namespace) -> int:
         except PipelineFailed as exc:
             print(f"error: the run failed: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        print(format_timing(result))
+        print(report(result))
         return 0
     finally:
         if sandbox:
             sandbox.stop()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from flows.pipeline import build_and_deploy, format_timing
+
+    return _call_flow(args, build_and_deploy, format_timing, deploy=not args.no_deploy,
+                      skip_unchanged=args.skip_unchanged, no_cache=args.no_cache)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from flows.compare import check_comparable, compare_builders, format_comparison
+
+    return _call_flow(args, compare_builders, format_comparison, check_comparable, no_cache=args.no_cache)
 
 
 def _diagnose(args: argparse.Namespace) -> int:
@@ -79,6 +94,7 @@ def parser() -> argparse.ArgumentParser:
     for name, handler, help_text in (
         ("plan", _plan, "show what a run would create; needs neither AWS nor a cluster"),
         ("run", _run, "run the build-and-deploy flow"),
+        ("compare", _compare, "build with BuildKit and with Kaniko from one commit and compare; deploys nothing"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.set_defaults(handler=handler)
@@ -88,12 +104,14 @@ def parser() -> argparse.ArgumentParser:
     plan, run = commands.choices["plan"], commands.choices["run"]
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--list-files", action="store_true", help="with --json: list every path in each archive")
-    run.add_argument("--sandbox", action="store_true", help="run against the local sandbox (moto + emulated cluster)")
-    run.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    for command in (run, commands.choices["compare"]):
+        command.add_argument("--sandbox", action="store_true",
+                             help="run against the local sandbox (moto + emulated cluster)")
+        command.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+        command.add_argument("--no-cache", action="store_true", help="build without importing the registry cache")
     run.add_argument("--no-deploy", action="store_true", help="build and push only")
     run.add_argument("--skip-unchanged", action="store_true",
                      help="reuse the image of a context that was built before instead of building it again")
-    run.add_argument("--no-cache", action="store_true", help="build without importing the registry cache")
     diagnose = commands.add_parser("diagnose", help="explain a saved build log (exit 0 when a known failure matched)")
     diagnose.set_defaults(handler=_diagnose)
     diagnose.add_argument("logfile")

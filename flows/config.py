@@ -22,6 +22,8 @@ from pydantic import (
 )
 
 DEFAULT_BUILDKIT_IMAGE = "moby/buildkit:v0.31.2"
+DEFAULT_KANIKO_IMAGE = "gcr.io/kaniko-project/executor:v1.23.2"
+Builder = Literal["buildkit", "kaniko"]
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 ECR_HOST = re.compile(r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?$")
 _HOST_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -108,10 +110,12 @@ class ResourcesSpec(_Strict):
 
 
 class BuildSpec(_Strict):
+    builder: Builder = "buildkit"
     namespace: str = "build"
     service_account: str = "buildkit"
     image: str = DEFAULT_BUILDKIT_IMAGE
-    mode: Literal["privileged", "rootless"] = "privileged"
+    mode: Literal["privileged", "rootless"] = Field(default="privileged", description="BuildKit only")
+    kaniko_image: str = Field(default=DEFAULT_KANIKO_IMAGE, description="the Kaniko executor (or a fork), pinned")
     timeout_seconds: int = Field(default=1800, ge=30, description="the Job's activeDeadlineSeconds")
     max_context_bytes: int = Field(default=1 << 30, ge=1, description="largest context archive to upload")
     cache: Literal["registry", "none"] = "registry"
@@ -127,7 +131,7 @@ class BuildSpec(_Strict):
     _cache_repository = field_validator("cache_repository")(_repository)
     _platform_list = field_validator("platforms")(_platforms)
 
-    @field_validator("image")
+    @field_validator("image", "kaniko_image")
     @classmethod
     def _pinned(cls, image: str) -> str:
         name, _, tag = image.rpartition(":")
@@ -178,6 +182,7 @@ class ComponentSpec(_Strict):
     secrets: list[BuildSecretSpec] = Field(default_factory=list)
     tag_latest: bool = False
     cache_repository: str | None = Field(default=None, description="overrides build.cache_repository")
+    builder: Builder | None = Field(default=None, description="overrides build.builder")
 
     _name = field_validator("name")(_dns_label)
     _image = field_validator("image", "cache_repository")(_repository)
@@ -212,6 +217,8 @@ class PipelineConfig(_Strict):
             for dependency in component.release.after if component.release else []:
                 if dependency not in releases:
                     problems.append(f"components[{i}].release.after: no release named {dependency!r}")
+            if self.builder_of(component) == "kaniko":
+                problems += [f"components[{i}].{problem}" for problem in self.kaniko_limits(component)]
         if problems:
             raise ValueError("\n".join(problems))
         if cycle := _release_cycle(self.components):
@@ -221,6 +228,23 @@ class PipelineConfig(_Strict):
 
     def component(self, name: str) -> ComponentSpec:
         return next(c for c in self.components if c.name == name)
+
+    def builder_of(self, component: ComponentSpec) -> Builder:
+        return component.builder or self.build.builder
+
+    def platforms_of(self, component: ComponentSpec) -> list[str]:
+        return component.platforms if component.platforms is not None else self.build.platforms
+
+    def kaniko_limits(self, component: ComponentSpec) -> list[str]:
+        """What this component needs that Kaniko cannot do, each as `<key>: <why>`."""
+        problems = []
+        if component.secrets:
+            problems.append("secrets: Kaniko cannot mount build secrets (RUN --mount=type=secret); "
+                            "build this component with buildkit")
+        if len(self.platforms_of(component)) > 1:
+            problems.append("platforms: Kaniko builds one platform per Job; "
+                            "build a multi-platform image with buildkit")
+        return problems
 
     def image_repository(self, component: ComponentSpec) -> str:
         return f"{self.registry}/{component.image}"

@@ -33,14 +33,15 @@ from blocks.target import BuildKitPipelineTarget
 from flows import tasks
 from flows.build import BuiltImage
 from flows.build_run import delete_run_objects
-from flows.config import ComponentSpec, ConfigError, PipelineConfig, load_config
+from flows.builders import log_reader
+from flows.config import Builder, ComponentSpec, ConfigError, PipelineConfig, load_config
 from flows.deploy import DeployedRelease
 from flows.diagnose import explain_failure
 from flows.kube import kube_api
 from flows.limits import ensure_limit, previous_table
 from flows.package import PackagedContext
 from flows.plan import plan_component, select
-from flows.progress import ProgressTracker, step_table
+from flows.progress import step_table
 from flows.report import format_timing, timeline_markdown, timing_rows
 from flows.source import SourceCheckout
 
@@ -61,6 +62,7 @@ class ComponentResult(BaseModel):
     error: str | None = None
     steps: list[dict] = []
     cache_hits: tuple[int, int] | None = None
+    builder: Builder | None = None
 
 
 class PipelineResult(BaseModel):
@@ -208,9 +210,19 @@ class Run:
                 await held.enter_async_context(concurrency(BUILDKIT_LIMIT, occupy=1, lease_duration=600))
             yield
 
-    async def _build_in_cluster(self, component: ComponentSpec, result: ComponentResult,
-                                archive: PackagedContext) -> None:
-        """upload → registry auth → BuildKit Job, inside a build slot."""
+    async def build_for_comparison(self, component: ComponentSpec, builder: Builder, result: ComponentResult) -> None:
+        """Build with the given builder into `<commit12>-<builder>`, whatever the pipeline file chose."""
+        try:
+            async with self.build_slot(result):
+                await self._build_in_cluster(component, result, self.archives[component.name], builder=builder,
+                                             comparison=True)
+            result.outcome = "built"
+        except Exception as exc:  # noqa: BLE001 - the other builder and the other components go on
+            result.outcome, result.error = "failed", f"{type(exc).__name__}: {exc}"
+
+    async def _build_in_cluster(self, component: ComponentSpec, result: ComponentResult, archive: PackagedContext,
+                                *, builder: Builder | None = None, comparison: bool = False) -> None:
+        """upload → registry auth → build Job, inside a build slot."""
         logger = get_run_logger()
         config = self.config
         with timed(result, "upload"):
@@ -221,11 +233,13 @@ class Run:
         result.context_uploaded = uploaded.uploaded
         logger.info("%s: context %s (%s bytes)", component.name, uploaded.describe(), archive.bytes)
         plan = plan_component(config, component, self.source, archive, run_id=self.run_id,
-                              context_url=uploaded.url.get_secret_value(), no_cache=self.no_cache)
+                              context_url=uploaded.url.get_secret_value(), no_cache=self.no_cache,
+                              builder=builder, comparison=comparison)
+        result.builder = plan.request.builder
         with timed(result, "registry-auth"):
             token = await tasks.mint_registry_token(self.credentials, config.registry)
         secret_values = await tasks.read_build_secrets(self.credentials, component.secrets)
-        progress = ProgressTracker()
+        progress = log_reader(plan.request.builder)
 
         def log_line(line: str) -> None:
             for readable in progress.feed(line):
@@ -241,8 +255,9 @@ class Run:
                 result.steps, result.cache_hits = step_table(progress.steps()), progress.cache_hits()
                 if result.steps:
                     await acreate_table_artifact(
-                        key=f"build-steps-{component.name}", table=result.steps,
-                        description=f"BuildKit steps of {component.name}: seconds, cache hits, errors",
+                        key=f"build-steps-{component.name}" + (f"-{result.builder}" if comparison else ""),
+                        table=result.steps,
+                        description=f"{result.builder} steps of {component.name}: seconds, cache hits, errors",
                     )
 
     async def deploy(self, component: ComponentSpec, result: ComponentResult) -> None:

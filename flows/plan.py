@@ -15,11 +15,11 @@ from flows.build import (
     BuildRequest,
     ImageRef,
     SecretFile,
-    build_job_manifest,
     image_ref,
     job_name,
 )
-from flows.config import ComponentSpec, PipelineConfig, check_paths, load_config
+from flows.builders import job_manifest
+from flows.config import Builder, ComponentSpec, PipelineConfig, check_paths, load_config
 from flows.deploy import DIGEST_PLACEHOLDER, helm_upgrade_argv
 from flows.package import PackagedContext, archive_paths, package_context
 from flows.source import SourceCheckout, cache_root, checkout, public_url, resolve_repo
@@ -67,11 +67,11 @@ def image_labels(source: SourceCheckout, archive: PackagedContext) -> dict[str, 
     }
 
 
-def cache_ref(config: PipelineConfig, component: ComponentSpec) -> str | None:
+def cache_repository(config: PipelineConfig, component: ComponentSpec) -> str | None:
+    """Where the registry cache lives: the component's, the build's, or else the image's own repository."""
     if config.build.cache == "none":
         return None
-    repository = component.cache_repository or config.build.cache_repository or component.image
-    return f"{config.registry}/{repository}:buildcache"
+    return f"{config.registry}/{component.cache_repository or config.build.cache_repository or component.image}"
 
 
 def secret_files(component: ComponentSpec, job: str) -> list[SecretFile]:
@@ -92,20 +92,28 @@ def plan_component(
     run_id: str,
     context_url: str = CONTEXT_URL_PLACEHOLDER,
     no_cache: bool = False,
+    builder: Builder | None = None,
+    comparison: bool = False,
 ) -> ComponentPlan:
+    """The component's build Job and helm argv. `builder` overrides the configured one; a `comparison` build
+    is tagged `<commit12>-<builder>` only, so it never takes the place of a release's image."""
+    builder = builder or config.builder_of(component)
     image = image_ref(config.image_repository(component), checkout.commit, archive.sha256,
                       dirty=checkout.dirty, latest=component.tag_latest)
-    name = job_name(component.name, archive.sha256, run_id)
+    if comparison:
+        image = ImageRef(repository=image.repository, tags=[f"{image.tags[0]}-{builder}"])
+    name = job_name(component.name, archive.sha256, run_id, builder)
     request = BuildRequest(
         name=name,
+        builder=builder,
         settings=config.build,
         context_url=context_url,
         archive=archive,
         image=image,
         registry_secret=registry_secret_name(name),
-        cache_ref=cache_ref(config, component),
+        cache_repository=cache_repository(config, component),
         no_cache=no_cache,
-        platforms=component.platforms if component.platforms is not None else config.build.platforms,
+        platforms=config.platforms_of(component),
         build_args=component.build_args,
         target=component.target,
         secrets=secret_files(component, name),
@@ -120,7 +128,7 @@ def plan_component(
             image_repository=image.repository,
             image_tag=f"{image.tags[0]}@{DIGEST_PLACEHOLDER}",
         )
-    return ComponentPlan(name=component.name, archive=archive, request=request, job=build_job_manifest(request),
+    return ComponentPlan(name=component.name, archive=archive, request=request, job=job_manifest(request),
                          helm=helm)
 
 
@@ -168,6 +176,7 @@ def make_plan(
                 **({"paths": archive_paths(archive.path)} if list_files else {}),
             },
             "image": {"repository": plan.image.repository, "tags": plan.image.tags},
+            "builder": plan.request.builder,
             "job": plan.job,
             "helm": plan.helm,
         })

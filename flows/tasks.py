@@ -80,6 +80,11 @@ async def reuse_unchanged(credentials: AwsCredentials, registry: str, image: bui
     return build.BuiltImage(repository=image.repository, tags=image.tags, digest=digest, job=None, reused=True)
 
 
+@task(name="image-facts", retries=3, timeout_seconds=60, **STAGE)
+async def image_facts(credentials: AwsCredentials, registry: str, image: build.BuiltImage) -> build_run.ImageFacts:
+    return await asyncio.to_thread(build_run.image_facts, credentials, registry, image)
+
+
 @task(name="build-secrets", retries=3, timeout_seconds=60, persist_result=False, **STAGE)
 async def read_build_secrets(credentials: AwsCredentials, secrets: list[BuildSecretSpec]) -> dict[str, str]:
     """Values of the build secrets kept in AWS Secrets Manager, for the build's own Kubernetes Secret."""

@@ -22,7 +22,7 @@ VARIANTS = {
     "scheduling": {"settings": BuildSpec(node_selector={"kubernetes.io/arch": "arm64"},
                                          tolerations=[{"key": "builds", "operator": "Exists", "effect": "NoSchedule"}],
                                          resources=ResourcesSpec(requests={"cpu": "2"}, limits={"memory": "4Gi"}))},
-    "no-cache": {"cache_ref": None},
+    "no-cache": {"cache_repository": None},
     "target-and-args": {"target": "runtime", "build_args": {"PYTHON_VERSION": "3.12"}},
 }
 
@@ -35,7 +35,7 @@ def request(**overrides) -> BuildRequest:
         archive=ARCHIVE,
         image=image_ref(REPOSITORY, "c" * 40, ARCHIVE.sha256),
         registry_secret="bk-weather-mcp-abababab-12345678-registry",
-        cache_ref=f"{REPOSITORY}:buildcache",
+        cache_repository=REPOSITORY,
         labels={"buildkit-pipeline/component": "weather-mcp"},
         image_labels={"org.opencontainers.image.revision": "c" * 40},
     )

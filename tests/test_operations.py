@@ -111,7 +111,7 @@ def test_a_script_run_of_the_served_deployment_exits_0_then_1_for_a_failing_comp
     assert failed.returncode == 1, failed.stdout + failed.stderr
 
 
-def test_prefect_deploy_all_creates_the_nightly_schedule_and_on_demand(prefect_server):
+def test_prefect_deploy_all_creates_the_nightly_schedule_on_demand_and_compare(prefect_server):
     created = prefect("work-pool", "create", "buildkit-pipeline", "--type", "process", "--overwrite")
     assert created.returncode == 0, created.stdout + created.stderr
     deployed = prefect("--no-prompt", "deploy", "--all")
@@ -119,6 +119,8 @@ def test_prefect_deploy_all_creates_the_nightly_schedule_and_on_demand(prefect_s
     with get_client(sync_client=True) as client:
         nightly = client.read_deployment_by_name("build-and-deploy/nightly")
         on_demand = client.read_deployment_by_name("build-and-deploy/on-demand")
+        compare = client.read_deployment_by_name("compare-builders/compare")
+    assert compare.entrypoint == "flows/compare.py:compare_builders" and compare.schedules == []
     [schedule] = nightly.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "Europe/Berlin", True)
     assert nightly.parameters["skip_unchanged"] is False and on_demand.parameters["skip_unchanged"] is True
