@@ -279,7 +279,7 @@ def terminated_state(pod: dict) -> dict:
 
 
 def describe_failure(job: dict, pods: list[dict]) -> str:
-    """What went wrong, from the Job's condition and the buildkit container's state."""
+    """What went wrong, from the Job's condition and the build container's state."""
     reasons = []
     if failed := _condition(job, "Failed"):
         reasons.append(f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".rstrip(": "))

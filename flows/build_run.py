@@ -19,7 +19,7 @@ import json
 import time
 from typing import Callable
 
-from kubernetes_asyncio import client, watch
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel
@@ -36,7 +36,7 @@ from flows.build import (
     terminated_state,
 )
 from flows.builders import job_manifest
-from flows.kube import as_dict, with_retries
+from flows.kube import Watch, as_dict, with_retries
 from flows.registry_auth import RegistryToken, owned_by, registry_secret_manifest
 from flows.secrecy import carrying_secrets
 
@@ -132,7 +132,7 @@ async def wait_for_job(api: client.ApiClient, namespace: str, name: str, resourc
         if remaining <= 0:
             raise BuildFailed(f"build Job {namespace}/{name} did not finish in time")
         try:
-            async with watch.Watch() as stream:
+            async with Watch(api) as stream:
                 async for event in stream.stream(
                     batch.list_namespaced_job,
                     namespace,
@@ -162,7 +162,7 @@ async def _started_pod(api: client.ApiClient, namespace: str, job: str) -> str:
     """The name of the Job's Pod, once its build container has started (or already ended)."""
     core = client.CoreV1Api(api)
     while True:
-        async with watch.Watch() as stream:
+        async with Watch(api) as stream:
             async for event in stream.stream(core.list_namespaced_pod, namespace, label_selector=f"job-name={job}",
                                              timeout_seconds=60):
                 pod = as_dict(api, event["object"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from flows.build import BuildRequest, build_job_manifest
 from flows.config import Builder
 from flows.kaniko import kaniko_job_manifest
+from flows.kaniko_log import KanikoLog
 from flows.progress import ProgressTracker
 
 JOB_MANIFESTS = {"buildkit": build_job_manifest, "kaniko": kaniko_job_manifest}
@@ -20,6 +21,6 @@ def job_manifest(request: BuildRequest) -> dict:
     return JOB_MANIFESTS[request.builder](request)
 
 
-def log_reader(builder: Builder) -> ProgressTracker:
+def log_reader(builder: Builder) -> ProgressTracker | KanikoLog:
     """Turns the build container's raw log lines into readable ones and a table of steps."""
-    return ProgressTracker()
+    return KanikoLog() if builder == "kaniko" else ProgressTracker()

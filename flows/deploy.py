@@ -102,7 +102,7 @@ def helm_upgrade_argv(
         "--namespace", release.namespace, "--create-namespace",
         *_values_args(release, repo_root=repo_root, image_repository=image_repository, image_tag=image_tag,
                       secret_values_file=secret_values_file),
-        "--wait", "--timeout", f"{release.timeout_seconds}s", rollback_flag(helm_version),
+        "--wait", "--timeout", f"{release.timeout_seconds}s", rollback_flag(helm_version), "--output", "json",
         *(["--kubeconfig", kubeconfig] if kubeconfig else []),
     ]
 
@@ -150,8 +150,14 @@ async def run_helm(argv: list[str], timeout: float) -> str:
     return stdout.decode()
 
 
+_HELM_VERSIONS: dict[str, str] = {}
+
+
 async def helm_version(helm: str) -> str:
-    return (await run_helm([helm, "version", "--template", "{{.Version}}"], 30)).strip()
+    """The binary's version, asked once per process."""
+    if helm not in _HELM_VERSIONS:
+        _HELM_VERSIONS[helm] = (await run_helm([helm, "version", "--template", "{{.Version}}"], 30)).strip()
+    return _HELM_VERSIONS[helm]
 
 
 def release_lock_name(release: ReleaseSpec) -> str:
@@ -182,8 +188,9 @@ class Helm:
         template = [self.binary, "template", *argv[upgrade + 2:]]
         flags = {"--wait", "--create-namespace", "--rollback-on-failure", "--atomic"}
         template = [a for a in template if a not in flags]
-        timeout = template.index("--timeout")
-        del template[timeout:timeout + 2]
+        for option in ("--timeout", "--output"):
+            at = template.index(option)
+            del template[at:at + 2]
         return await run_helm(template, 120)
 
     async def restore(self, previous: int | None) -> None:
@@ -213,19 +220,24 @@ async def upgrade_release(
         argv = helm_upgrade_argv(release, repo_root=repo_root, image_repository=image_repository,
                                  image_tag=image_tag, helm=helm.binary, helm_version=version,
                                  kubeconfig=kubeconfig, secret_values_file=values_file)
-        deployments = manifest_deployments(await helm.template(argv), release.namespace)
-        async with concurrency(lock, occupy=1, lease_duration=release.timeout_seconds + 120):
-            previous = await helm.revision()
-            async with PodProblemRecorder(api, deployments) as problems:
-                try:
-                    await run_helm(argv, release.timeout_seconds + 60)
-                    await verify_rollout(api, deployments, release.timeout_seconds)
-                except (DeployFailed, RolloutFailed) as exc:
-                    if isinstance(exc, RolloutFailed):
-                        await helm.restore(previous)
-                    current = await helm.revision()
-                    raise DeployFailed(_failure_message(release, exc, previous, current, problems.describe())) from None
-            revision = await helm.revision()
+        rendering = asyncio.ensure_future(helm.template(argv))
+        try:
+            async with concurrency(lock, occupy=1, lease_duration=release.timeout_seconds + 120):
+                previous, rendered = await asyncio.gather(helm.revision(), rendering)
+                deployments = manifest_deployments(rendered, release.namespace)
+                async with PodProblemRecorder(api, deployments) as problems:
+                    try:
+                        upgraded = json.loads(await run_helm(argv, release.timeout_seconds + 60))
+                        await verify_rollout(api, deployments, release.timeout_seconds)
+                    except (DeployFailed, RolloutFailed) as exc:
+                        if isinstance(exc, RolloutFailed):
+                            await helm.restore(previous)
+                        current = await helm.revision()
+                        raise DeployFailed(
+                            _failure_message(release, exc, previous, current, problems.describe())) from None
+        finally:
+            rendering.cancel()
+        revision = upgraded["version"]
     return DeployedRelease(name=release.name, namespace=release.namespace, revision=revision,
                            image=f"{image_repository}:{image_tag}")
 

@@ -1,18 +1,27 @@
-"""Known ways a BuildKit build Job fails, recognised from its log and its Pod/Job status, with the fix to make.
+"""Known ways a build Job (BuildKit or Kaniko) fails, recognised from its log and its Pod/Job status, with the fix to make.
 
 `SIGNATURES` is the table: each entry has regular expressions searched in the
-build log (rendered from rawjson to buildctl's plain form first, so errors
-inside vertex JSON and base64 logs are visible) and/or in one line per Pod
-condition, container state, Job condition and event (see `status_lines`). The
-first entry that matches wins, so the table is ordered most specific first:
-the Pod never starting, then the pod being killed, then buildkitd failing to
-run at all, then the build's own errors, and a failing RUN step last.
+build log and/or in one line per Pod condition, container state, Job condition
+and event (see `status_lines`). The log is rendered first: rawjson to buildctl's
+plain form (so errors inside vertex JSON and base64 logs are visible), then
+logrus text lines (Kaniko's, buildkitd's) to `LEVEL msg` with the msg unquoted
+(`flows/kaniko_log.py`). The first entry that matches wins, so the table is
+ordered most specific first: the Pod never starting, then the pod being killed,
+then buildkitd failing to run at all, then the build's own errors, and a
+failing RUN step last.
+
+An entry is a kind of failure, whichever builder shows it: Kaniko's texts are
+patterns of the same entries as BuildKit's. Kaniko only warns when it cannot
+push a layer to its cache (`WARNING Error uploading layer to cache: ...`) and
+the build goes on, so the registry entries skip `WARNING` lines.
 
 Summaries and actions are `str.format` templates over the named groups of the
-pattern that matched, plus `namespace`, plus the entry's `defaults`.
+pattern that matched, plus `namespace`, plus the builder's words in `BUILDERS`
+(the builder is Kaniko when the status names the `kaniko` container or the log
+has Kaniko's own lines), plus the entry's `defaults`.
 
 Where the sample texts come from is noted per entry and in each test fixture's
-header (tests/fixtures/buildkit/).
+header (tests/fixtures/buildkit/, tests/fixtures/kaniko/).
 """
 
 from __future__ import annotations
@@ -26,9 +35,36 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from flows.build import describe_failure
+from flows.kaniko_log import is_kaniko_log, kaniko_plain
 from flows.progress import to_plain
 
 NO_MATCH = "no known signature"
+NOT_A_WARNING = r"^(?!WARNING )[^\n]*?"
+KANIKO_STATUS = re.compile(r'\bcontainer "?kaniko\b|kaniko-project/executor')
+
+BUILDERS: dict[str, dict[str, str]] = {
+    "buildkit": {
+        "builder": "BuildKit",
+        "image_setting": "build.image",
+        "image_example": "moby/buildkit:v0.x.y (or v0.x.y-rootless)",
+        "psa_level": "privileged",
+        "psa_note": " (or use build.mode: rootless on nodes with user namespaces, which needs at least `baseline` "
+                    "relaxed for seccomp/AppArmor Unconfined)",
+        "storage": "an emptyDir for /var/lib/buildkit with a larger sizeLimit",
+        "dockerfile_flag": "--opt filename",
+    },
+    "kaniko": {
+        "builder": "Kaniko",
+        "image_setting": "build.kaniko_image",
+        "image_example": "gcr.io/kaniko-project/executor:v1.23.2",
+        "psa_level": "baseline",
+        "psa_note": " (Kaniko needs no privileges, but it runs as root with the runtime's default capabilities, "
+                    "which `restricted` refuses)",
+        "storage": "Kaniko unpacks the image into its container's own filesystem: "
+                   "set ephemeral-storage in build.resources requests and limits",
+        "dockerfile_flag": "--dockerfile",
+    },
+}
 
 
 class Diagnosis(BaseModel):
@@ -62,18 +98,51 @@ class Signature:
 
 
 def _run_step(found: re.Match, log: str) -> dict[str, str]:
-    """Name the failed step as the plain progress did (`[3/5] RUN ...`), and read its exit code."""
-    command = found.group("command")
-    step = "RUN " + re.sub(r"^/bin/(?:ba)?sh -c ", "", command)
-    if vertex := found.groupdict().get("vertex"):
+    """Name the failed step as the plain progress did (`[3/5] RUN ...`), and read its exit code.
+
+    Kaniko's error names no command, but it logs each command before running
+    it, so the step is the last `INFO RUN ...` line before the error. A RUN
+    killed by a signal (`signal: killed`, the OOM killer) counts as exit 137.
+    """
+    groups = found.groupdict()
+    if command := groups.get("command"):
+        step = "RUN " + re.sub(r"^/bin/(?:ba)?sh -c ", "", command)
+    else:
+        runs = re.findall(r"^INFO ((?i:RUN)\s[^\n]*)$", log[: found.start()], re.MULTILINE)
+        step = runs[-1] if runs else "RUN"
+    if vertex := groups.get("vertex"):
         if header := re.search(rf"^#{vertex} (\[[^\]\n]*\] RUN [^\n]*)$", log, re.MULTILINE):
             step = header.group(1)
-    code = found.group("code")
+    code = groups.get("code") or "137"
     hints = {
         "137": " It was killed (exit 137), which usually means it ran out of memory: raise build.resources.limits.memory.",
         "127": " Exit 127 means a command was not found in the image.",
     }
     return {"step": step, "code": code, "hint": hints.get(code, "")}
+
+
+_CONTEXT_ADVICE = (
+    (r"\b40[34]\b",
+     "the presigned context URL was rejected (403 usually means it expired before the pod started, "
+     "404 that the object is gone): raise aws.presign_ttl_seconds above the time builds wait to "
+     "be scheduled, and rerun so a fresh URL is made"),
+    (r"(?i:dial tcp|no such host|i/o timeout|connection (?:refused|reset)|TLS handshake|x509:)",
+     "the build pod could not reach the bucket: allow its egress to S3 on 443 (NetworkPolicy, proxy, DNS) "
+     "in the build namespace"),
+    (r"/kaniko/buildcontext/\S*: no such file or directory",
+     "the downloaded archive lacks the context directory Kaniko was told to use (--context-sub-path): "
+     "check the packaged archive (`buildkit-pipeline plan --json --list-files` lists it)"),
+)
+
+
+def _context_advice(found: re.Match, log: str) -> dict[str, str]:
+    """What to do depends on how the download failed: an expired URL, no route to S3, or a wrong archive."""
+    detail = found.group("detail")
+    for pattern, advice in _CONTEXT_ADVICE:
+        if re.search(pattern, detail):
+            return {"advice": advice}
+    return {"advice": "check that the presigned context URL is still valid (aws.presign_ttl_seconds) and that "
+                      "the build pod can reach the bucket, then rerun so a fresh URL is made"}
 
 
 def _registry_host(found: re.Match, log: str) -> dict[str, str]:
@@ -91,10 +160,8 @@ SIGNATURES: list[Signature] = [
     Signature(
         name="pod-security-admission",
         summary="Pod Security admission ({level}) refused the build pod in namespace {namespace}: {detail}",
-        action="the build namespace needs Pod Security `privileged`: "
-               "kubectl label ns {namespace} pod-security.kubernetes.io/enforce=privileged --overwrite "
-               "(or use build.mode: rootless on nodes with user namespaces, which needs at least `baseline` "
-               "relaxed for seccomp/AppArmor Unconfined)",
+        action="the build namespace needs Pod Security `{psa_level}`: "
+               "kubectl label ns {namespace} pod-security.kubernetes.io/enforce={psa_level} --overwrite{psa_note}",
         status=(r"^(?:event|job condition) .*?violates PodSecurity \"(?P<level>[^\"]+)\": (?P<detail>[^(\n]*\([^)\n]*\))",),
     ),
     Signature(
@@ -116,8 +183,8 @@ SIGNATURES: list[Signature] = [
     ),
     Signature(
         name="buildkit-image-pull",
-        summary="the node cannot pull the BuildKit image {image} ({reason}): {detail}",
-        action="set build.image to an existing, pinned tag such as moby/buildkit:v0.x.y (or v0.x.y-rootless), "
+        summary="the node cannot pull the {builder} image {image} ({reason}): {detail}",
+        action="set {image_setting} to an existing, pinned tag such as {image_example}, "
                "and check the nodes can reach that registry (imagePullSecrets for a private mirror)",
         status=(
             r"^event \S+ Failed \S+: Failed to pull image \"(?P<image>[^\"]+)\": (?P<detail>.*)$",
@@ -135,7 +202,7 @@ SIGNATURES: list[Signature] = [
     ),
     Signature(
         name="oom-killed",
-        summary="the BuildKit container was killed at its memory limit ({reason}, exit code 137)",
+        summary="the {builder} container was killed at its memory limit ({reason}, exit code 137)",
         action="raise build.resources.limits.memory for this component, or make the heavy RUN step use less "
                "memory (fewer parallel jobs, e.g. MAKEFLAGS=-j2, NODE_OPTIONS=--max-old-space-size)",
         status=(
@@ -190,8 +257,8 @@ SIGNATURES: list[Signature] = [
     Signature(
         name="disk-full",
         summary="the build ran out of disk space ({detail})",
-        action="give the build pod more ephemeral storage (an emptyDir for /var/lib/buildkit with a larger "
-               "sizeLimit, or nodes with bigger disks), or shrink the context and image layers",
+        action="give the build pod more ephemeral storage ({storage}) or nodes with bigger disks, "
+               "or shrink the context and image layers",
         log=(r"(?P<detail>[^:\n\"]+: no space left on device)",),
     ),
     # buildctl-daemonless.sh (moby/buildkit examples): `could not connect to $addr after $max
@@ -205,26 +272,33 @@ SIGNATURES: list[Signature] = [
     ),
     # frontend/dockerui (moby/buildkit): the context URL is solved as the vertex
     # "[internal] load remote build context", wrapped as `failed to resolve httpcontext`;
-    # source/http/source.go: `invalid response status %d`.
+    # source/http/source.go: `invalid response status %d`. Kaniko: cobra prints the
+    # PersistentPreRunE error `Error: error resolving source context: ...` (cmd/executor/cmd/root.go)
+    # around pkg/buildcontext/https.go's `HTTPSTar bad status from server: %s` or the http.Get error.
     Signature(
         name="context-download",
-        summary="BuildKit could not download the build context: {detail}",
-        action="the presigned context URL was rejected (403 usually means it expired before the pod started, "
-               "404 that the object is gone): raise aws.presign_ttl_seconds above the time builds wait to "
-               "be scheduled, and rerun so a fresh URL is made",
+        summary="{builder} could not download the build context: {detail}",
+        action="{advice}",
         log=(
             r"^#(?P<n>\d+) \[internal\] load remote build context$[\s\S]*?^#(?P=n) ERROR: (?P<detail>[^\n]*)$",
             r"failed to resolve httpcontext: (?P<detail>[^\n]*)",
+            r"^Error: error resolving source context: (?P<detail>[^\n]*)",
         ),
+        refine=_context_advice,
     ),
     # Many reports quoted in docker/for-win#8781, docker/getting-started#313, setube/stb#8:
     # `failed to solve: failed to read dockerfile: open Dockerfile: no such file or directory`.
+    # Kaniko: cmd/executor/cmd/root.go resolveDockerfilePath, printed by cobra (kaniko#1457, #3031).
     Signature(
         name="dockerfile-missing",
-        summary="BuildKit found no Dockerfile at {path} in the build context",
+        summary="{builder} found no Dockerfile at {path} in the build context",
         action="check the component's dockerfile path in the pipeline file; the packaged archive must hold it "
-               "at the path passed as --opt filename (`buildkit-pipeline plan --json --list-files` lists the archive)",
-        log=(r"failed to read dockerfile: open (?P<path>[^\n]+?): no such file or directory",),
+               "at the path passed as {dockerfile_flag} (`buildkit-pipeline plan --json --list-files` lists the archive)",
+        log=(
+            r"failed to read dockerfile: open (?P<path>[^\n]+?): no such file or directory",
+            r"please provide a valid path to a Dockerfile within the build context",
+        ),
+        defaults={"path": "the --dockerfile path"},
     ),
     # moby/buildkit#4456 (load metadata vertex failing with 401), skjerns/3dprintedbrain_docker#5,
     # zhaarey/wrapper#33, infiniflow/ragflow#4830 (`failed to resolve source metadata for
@@ -239,25 +313,31 @@ SIGNATURES: list[Signature] = [
             r"^#(?P<n>\d+) \[(?:\S+ )?internal\] load metadata for (?P<image>\S+)$[\s\S]*?"
             r"^#(?P=n) ERROR: (?P<detail>[^\n]*)$",
             r"^#(?P<n>\d+) \[[^\]\n]*\] FROM (?P<image>\S+)$[\s\S]*?^#(?P=n) ERROR: (?P<detail>[^\n]*)$",
+            r"^INFO Retrieving image (?P<image>\S+) from (?:mapped )?registry \S+\n(?:(?:WARNING|ERROR) [^\n]*\n)*"
+            r"error building image: (?:unable to complete operation after \d+ attempts, last error: )?"
+            r"(?P<detail>[^\n]*)",
         ),
     ),
     # aws-actions/amazon-ecr-login#166, actions/starter-workflows#2647, plexsystems/sinker#55:
-    # `name unknown: The repository with name 'X' does not exist in the registry with id 'N'`.
+    # `name unknown: The repository with name 'X' does not exist in the registry with id 'N'`;
+    # go-containerregistry (Kaniko) writes the code as sent, `NAME_UNKNOWN: ...`.
     Signature(
         name="repository-missing",
         summary="the registry has no repository {repo}",
         action="create the ECR repository {repo} (aws ecr create-repository --repository-name {repo}) "
                "or fix `image:` for this component in the pipeline file",
         log=(
-            r"(?i:name[ _]unknown): The repository with name '(?P<repo>[^']+)' does not exist",
-            r"(?i:name[ _]unknown)",
+            NOT_A_WARNING + r"(?i:name[ _]unknown): The repository with name '(?P<repo>[^']+)' does not exist",
+            NOT_A_WARNING + r"(?i:name[ _]unknown)",
         ),
         defaults={"repo": "named in `image:`"},
     ),
     # Panfactum/stack#103 (ECR push `401 Unauthorized`), docker/buildx#3335 (`failed to fetch
     # oauth token ... 401 Unauthorized`), ECR's `denied: Your authorization token has expired`
     # and `denied: User: ... is not authorized to perform: ecr:InitiateLayerUpload`,
-    # aws-actions/amazon-ecr-login#337 (`no basic auth credentials`).
+    # aws-actions/amazon-ecr-login#337 (`no basic auth credentials`). Kaniko: `error checking push
+    # permissions -- ...: checking push permission for "...": POST ...: UNAUTHORIZED: ...` (kaniko#1325,
+    # #2088, #2222) and go-containerregistry's `DENIED: ...`.
     Signature(
         name="registry-auth",
         summary="{registry} refused the build's registry credentials ({detail})",
@@ -265,19 +345,21 @@ SIGNATURES: list[Signature] = [
                "account/region by a role allowed ecr:InitiateLayerUpload, ecr:UploadLayerPart, "
                "ecr:CompleteLayerUpload, ecr:PutImage and ecr:BatchCheckLayerAvailability on the repository, "
                "and is valid for 12 hours",
-        log=(
+        log=tuple(NOT_A_WARNING + pattern for pattern in (
             r"(?P<detail>no basic auth credentials)",
             r"(?P<detail>\bdenied: [^\n]*)",
             r"(?P<detail>\bunauthorized: [^\n]*)",
+            r"(?P<detail>\b(?:UNAUTHORIZED|DENIED): [^\n]*)",
             r"(?P<detail>\b40[13] (?:Unauthorized|Forbidden)\b[^\n]*)",
             r"(?P<detail>failed to authorize[^\n]*|insufficient_scope[^\n]*)",
-        ),
+        )),
         defaults={"registry": "the registry"},
         refine=_registry_host,
     ),
     # moby/buildkit error format `process "/bin/sh -c ..." did not complete successfully: exit
     # code: N` (e.g. runc#3602, many CI logs); before v0.10: `executor failed running [...]:
-    # exit code: N`.
+    # exit code: N`. Kaniko (pkg/commands/run.go, pkg/executor/build.go): `error building image: error
+    # building stage: failed to execute command: waiting for process to exit: exit status N` (kaniko#1733).
     Signature(
         name="run-step-failed",
         summary="the Dockerfile step `{step}` failed with exit code {code}",
@@ -287,6 +369,7 @@ SIGNATURES: list[Signature] = [
             r"exit code: (?P<code>\d+)",
             r"process \"(?P<command>[^\n]*?)\" did not complete successfully: exit code: (?P<code>\d+)",
             r"executor failed running \[(?P<command>[^\n]*?)\]: exit code: (?P<code>\d+)",
+            r"failed to execute command: waiting for process to exit: (?:exit status (?P<code>\d+)|signal: killed)",
         ),
         refine=_run_step,
     ),
@@ -297,9 +380,10 @@ def diagnose(
     log: str, *, pod: dict | None = None, job: dict | None = None, events: list[dict] | None = None
 ) -> Diagnosis | None:
     """The first signature in `SIGNATURES` that the log or the Kubernetes status shows, or None."""
-    plain = to_plain(log or "")
+    plain = kaniko_plain(to_plain(log or ""))
     status = "\n".join(status_lines(pod=pod, job=job, events=events))
-    context = {"namespace": _namespace(pod, job, events)}
+    builder = "kaniko" if KANIKO_STATUS.search(status) or is_kaniko_log(plain) else "buildkit"
+    context = {"namespace": _namespace(pod, job, events), **BUILDERS[builder]}
     for signature in SIGNATURES:
         if found := signature.search(plain, status):
             values = {**context, **signature.defaults, **_groups(found)}
@@ -342,6 +426,7 @@ def status_lines(*, pod: dict | None = None, job: dict | None = None, events: li
     `job condition Failed=True reason=DeadlineExceeded message=...`
     `pod condition PodScheduled=False reason=Unschedulable message=...`
     `pod container buildkit state.terminated image=... reason=OOMKilled exitCode=137 message=...`
+        (the container's own name: `kaniko` for a Kaniko build)
     `event Warning FailedCreate Job/build-x: Error creating: ...`
     """
     lines = [_condition_line("job", c) for c in _list(_status(job).get("conditions"))]

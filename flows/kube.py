@@ -7,7 +7,7 @@ import asyncio
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 
@@ -23,6 +23,27 @@ async def kube_api(kubeconfig: str | None) -> AsyncIterator[client.ApiClient]:
             await config.load_kube_config(client_configuration=configuration)
     async with client.ApiClient(configuration) as api:
         yield api
+
+
+class Watch(watch.Watch):
+    """A watch that turns events into models with the caller's API client.
+
+    kubernetes_asyncio's own `Watch()` builds a fresh ApiClient for that, with a
+    TLS context loaded from the CA bundle, and closes it on exit: about 30 ms of
+    CPU on the event loop for every watch the flow opens.
+    """
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._raw_return_type = None
+        self._stop = False
+        self._api_client = api
+        self.resource_version = None
+        self.resp = None
+
+    async def close(self) -> None:
+        if self.resp is not None:
+            self.resp.release()
+            self.resp = None
 
 
 def as_dict(api: client.ApiClient, obj) -> dict:

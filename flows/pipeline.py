@@ -1,7 +1,8 @@
-"""The `build-and-deploy` flow: source → package → upload → registry auth → build → deploy → report.
+"""The `build-and-deploy` flow: source → package → queue (with upload and registry auth) → build → deploy → report.
 
 Every component is packaged first (a bad context stops the run before anything
-remote happens). Then components build concurrently, at most
+remote happens). Its archive is uploaded and the run's registry token minted
+while it waits for a build slot. Components build concurrently, at most
 `max_parallel_builds` at once in this run and at most the global `buildkit`
 concurrency limit across runs; one component's failure does not stop the
 others. A release waits for the releases named in its `after:` and is skipped
@@ -16,6 +17,7 @@ import contextlib
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
+from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, AsyncIterator, Literal
@@ -42,8 +44,10 @@ from flows.limits import ensure_limit, previous_table
 from flows.package import PackagedContext
 from flows.plan import plan_component, select
 from flows.progress import step_table
+from flows.registry_auth import RegistryToken
 from flows.report import format_timing, timeline_markdown, timing_rows
 from flows.source import SourceCheckout
+from flows.upload import StoredContext, presign
 
 STAGES = ("package", "queue", "upload", "registry-auth", "build", "deploy")
 BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT = "buildkit", 10
@@ -156,6 +160,8 @@ class Run:
     no_cache: bool
     build_slots: asyncio.Semaphore
     finished: dict[str, asyncio.Event] = field(default_factory=dict)
+    token: RegistryToken | None = None
+    token_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def run_id(self) -> str:
@@ -173,7 +179,7 @@ class Run:
             self.finished[component.name].set()
 
     async def build(self, component: ComponentSpec, result: ComponentResult) -> None:
-        """queue → upload → registry auth → build; or reuse the image of an identical context."""
+        """upload and registry auth while queueing for a slot → build; or reuse the image of an identical context."""
         logger = get_run_logger()
         archive = self.archives[component.name]
         if self.skip_unchanged:
@@ -185,8 +191,7 @@ class Run:
                 logger.info("%s: context unchanged, reusing %s@%s", component.name, image.repository,
                             result.image.digest)
                 return
-        async with self.build_slot(result):
-            await self._build_in_cluster(component, result, archive)
+        await self.build_in_cluster(component, result)
         result.outcome = "built"
         logger.info("%s: pushed %s@%s", component.name, result.image.repository, result.image.digest)
         emit_event(
@@ -199,46 +204,72 @@ class Run:
 
     @contextlib.asynccontextmanager
     async def build_slot(self, result: ComponentResult) -> AsyncIterator[None]:
-        """Hold one of this run's build slots and one of the global `buildkit` limit; the wait is the `queue` stage.
-
-        The slot is taken before the upload so that the presigned URL and the
-        registry token are fresh when the Job starts, however long the queue was.
-        """
+        """Hold one of this run's build slots and one of the global `buildkit` limit; the wait is the `queue` stage."""
         async with contextlib.AsyncExitStack() as held:
             with timed(result, "queue"):
                 await held.enter_async_context(self.build_slots)
                 await held.enter_async_context(concurrency(BUILDKIT_LIMIT, occupy=1, lease_duration=600))
             yield
 
+    async def registry_token(self) -> RegistryToken:
+        """One ECR token for the run's builds, minted again when it could expire before a build's deadline."""
+        async with self.token_lock:
+            deadline = datetime.now(timezone.utc) + timedelta(seconds=self.config.build.timeout_seconds + 600)
+            if self.token is None or self.token.expires_at < deadline:
+                self.token = await tasks.mint_registry_token(self.credentials, self.config.registry)
+            return self.token
+
+    async def _store_and_authenticate(self, component: ComponentSpec, result: ComponentResult):
+        async def store() -> StoredContext:
+            with timed(result, "upload"):
+                return await tasks.upload_context(self.archives[component.name], self.credentials, bucket=self.bucket,
+                                                  prefix=self.config.aws.prefix, component=component.name)
+
+        async def authenticate() -> RegistryToken:
+            with timed(result, "registry-auth"):
+                return await self.registry_token()
+
+        return await asyncio.gather(store(), authenticate())
+
     async def build_for_comparison(self, component: ComponentSpec, builder: Builder, result: ComponentResult) -> None:
         """Build with the given builder into `<commit12>-<builder>`, whatever the pipeline file chose."""
         try:
-            async with self.build_slot(result):
-                await self._build_in_cluster(component, result, self.archives[component.name], builder=builder,
-                                             comparison=True)
+            await self.build_in_cluster(component, result, builder=builder, comparison=True)
             result.outcome = "built"
         except Exception as exc:  # noqa: BLE001 - the other builder and the other components go on
             result.outcome, result.error = "failed", f"{type(exc).__name__}: {exc}"
 
-    async def _build_in_cluster(self, component: ComponentSpec, result: ComponentResult, archive: PackagedContext,
-                                *, builder: Builder | None = None, comparison: bool = False) -> None:
-        """upload → registry auth → build Job, inside a build slot."""
+    async def build_in_cluster(self, component: ComponentSpec, result: ComponentResult, *,
+                               builder: Builder | None = None, comparison: bool = False) -> None:
+        """Upload and registry auth while waiting for a build slot; then, holding it, the build Job.
+
+        The URL is signed and the token checked once the slot is held, so both
+        are fresh when the Job starts, however long the queue was.
+        """
+        staged = asyncio.ensure_future(self._store_and_authenticate(component, result))
+        try:
+            async with self.build_slot(result):
+                stored, _ = await staged
+                await self._build_job(component, result, stored, builder=builder, comparison=comparison)
+        finally:
+            if not staged.done():
+                staged.cancel()
+                await asyncio.gather(staged, return_exceptions=True)
+
+    async def _build_job(self, component: ComponentSpec, result: ComponentResult, stored: StoredContext, *,
+                         builder: Builder | None, comparison: bool) -> None:
         logger = get_run_logger()
-        config = self.config
-        with timed(result, "upload"):
-            uploaded = await tasks.upload_context(
-                archive, self.credentials, bucket=self.bucket, prefix=config.aws.prefix,
-                component=component.name, ttl_seconds=config.aws.presign_ttl_seconds,
-            )
-        result.context_uploaded = uploaded.uploaded
-        logger.info("%s: context %s (%s bytes)", component.name, uploaded.describe(), archive.bytes)
+        config, archive = self.config, self.archives[component.name]
+        result.context_uploaded = stored.uploaded
+        logger.info("%s: context %s (%s bytes)", component.name, stored.describe(), archive.bytes)
+        uploaded = presign(self.credentials, stored, config.aws.presign_ttl_seconds)
         plan = plan_component(config, component, self.source, archive, run_id=self.run_id,
                               context_url=uploaded.url.get_secret_value(), no_cache=self.no_cache,
                               builder=builder, comparison=comparison)
         result.builder = plan.request.builder
-        with timed(result, "registry-auth"):
-            token = await tasks.mint_registry_token(self.credentials, config.registry)
-        secret_values = await tasks.read_build_secrets(self.credentials, component.secrets)
+        token = await self.registry_token()
+        from_aws = [s for s in component.secrets if s.aws_secrets_manager]
+        secret_values = await tasks.read_build_secrets(self.credentials, from_aws) if from_aws else {}
         progress = log_reader(plan.request.builder)
 
         def log_line(line: str) -> None:
@@ -271,9 +302,10 @@ class Run:
             result.outcome, result.error = "skipped", f"not deployed because {', '.join(blocked)} did not deploy"
             return
         with timed(result, "deploy"):
-            secret_values = await tasks.read_release_secrets(component.release)
+            release = component.release
+            secret_values = await tasks.read_release_secrets(release) if release.set_secret else {}
             result.release = await tasks.deploy_release(
-                component.release, api=self.api, repo_root=self.source.path,
+                release, api=self.api, repo_root=self.source.path,
                 image_repository=result.image.repository, image_tag=result.image.pinned_tag,
                 kubeconfig=self.kubeconfig, secret_values=secret_values,
             )
@@ -297,11 +329,13 @@ async def report(result: PipelineResult, config: PipelineConfig) -> None:
     """Timing table and critical-path chart as artifacts, compared with the previous run of this deployment."""
     key = f"build-and-deploy-timing-{deployment.name}" if deployment.name else "build-and-deploy-timing"
     previous = await previous_table(key)
-    await acreate_table_artifact(key=key, table=timing_rows(result),
-                                 description=f"Seconds per component and stage, commit {result.commit[:12]}")
-    await acreate_markdown_artifact(key=key.replace("timing", "critical-path"),
-                                    markdown=timeline_markdown(result, release_order(config), previous),
-                                    description="Critical path of the run, and the change since the last run")
+    await asyncio.gather(
+        acreate_table_artifact(key=key, table=timing_rows(result),
+                               description=f"Seconds per component and stage, commit {result.commit[:12]}"),
+        acreate_markdown_artifact(key=key.replace("timing", "critical-path"),
+                                  markdown=timeline_markdown(result, release_order(config), previous),
+                                  description="Critical path of the run, and the change since the last run"),
+    )
     get_run_logger().info("stage timing:\n%s", format_timing(result))
 
 

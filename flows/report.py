@@ -164,9 +164,15 @@ def _waited_for(
 
 
 def _own_previous(segment: Segment, segments: dict[tuple[str, str], Segment], order: Sequence[str]) -> Segment | None:
+    """Of the component's earlier stages that had ended when this one started, the last to end.
+
+    Stages may overlap (the upload runs while the build waits for a slot), so
+    the one in the order just before is not always the one waited for.
+    """
     ran = _ordered([s.stage for s in segments.values() if s.component == segment.component], order)
-    index = ran.index(segment.stage)
-    return segments[(segment.component, ran[index - 1])] if index > 0 else None
+    earlier = [segments[(segment.component, stage)] for stage in ran[:ran.index(segment.stage)]]
+    ended = [s for s in earlier if s.end <= segment.start + SLACK] or earlier[-1:]
+    return max(ended, key=lambda s: s.end, default=None)
 
 
 def _other_waits(

@@ -12,10 +12,10 @@ import contextlib
 import time
 
 import yaml
-from kubernetes_asyncio import client, watch
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from flows.kube import as_dict
+from flows.kube import Watch, as_dict
 
 PROBLEM_REASONS = {"ImagePullBackOff", "ErrImagePull", "CrashLoopBackOff", "CreateContainerConfigError",
                    "InvalidImageName", "RunContainerError", "OOMKilled", "Error"}
@@ -76,7 +76,7 @@ async def verify_rollout(api: client.ApiClient, deployments: list[tuple[str, str
 async def _wait_for_change(api: client.ApiClient, namespace: str, name: str, deadline: float) -> None:
     """Block until the Deployment changes (or a short while passes)."""
     remaining = max(1, min(int(deadline - time.monotonic()), 10))
-    async with watch.Watch() as stream:
+    async with Watch(api) as stream:
         async for _ in stream.stream(client.AppsV1Api(api).list_namespaced_deployment, namespace,
                                      field_selector=f"metadata.name={name}", timeout_seconds=remaining):
             return
@@ -128,7 +128,7 @@ class PodProblemRecorder:
         core = client.CoreV1Api(self._api)
         while True:
             try:
-                async with watch.Watch() as stream:
+                async with Watch(self._api) as stream:
                     async for event in stream.stream(core.list_namespaced_pod, namespace, timeout_seconds=60):
                         pod = as_dict(self._api, event["object"])
                         if _owned_by_deployment(pod, names):

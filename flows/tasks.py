@@ -58,10 +58,9 @@ async def package_component(config, component, checkout: source.SourceCheckout) 
 
 @task(name="upload", retries=3, timeout_seconds=900, **STAGE)
 async def upload_context(archive: package.PackagedContext, credentials: AwsCredentials, *, bucket: str,
-                         prefix: str, component: str, ttl_seconds: int) -> upload.UploadedContext:
+                         prefix: str, component: str) -> upload.StoredContext:
     return await asyncio.to_thread(
-        upload.upload_context, archive, credentials=credentials, bucket=bucket, prefix=prefix,
-        component=component, ttl_seconds=ttl_seconds,
+        upload.store_context, archive, credentials=credentials, bucket=bucket, prefix=prefix, component=component,
     )
 
 

@@ -1,5 +1,9 @@
 """Upload stage: the context archive into S3 under a content-addressed key, and a short-lived URL to it.
 
+Storing and signing are separate steps: the flow stores the archive while it
+waits for a build slot and signs the URL once it has one, so the URL's lifetime
+starts when the build does.
+
 The key is `<prefix><component>/<sha256>.tar.gz`, so the same context is stored
 once however often it is built, and an object that already exists with the same
 size is not uploaded again. When S3 refuses, the error names the object, S3's
@@ -22,18 +26,21 @@ from flows.package import PackagedContext
 from flows.secrecy import carrying_secrets
 
 
-class UploadedContext(BaseModel):
+class StoredContext(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     bucket: str
     key: str
-    url: SecretStr
-    expires_at: datetime
     uploaded: bool
 
     def describe(self) -> str:
-        """Where the context lives, without the URL's signature."""
+        """Where the context lives, without a URL's signature."""
         return f"s3://{self.bucket}/{self.key}"
+
+
+class UploadedContext(StoredContext):
+    url: SecretStr
+    expires_at: datetime
 
 
 class ContextUploadFailed(RuntimeError):
@@ -102,15 +109,10 @@ def _existing_size(s3, bucket: str, key: str) -> int | None:
         raise
 
 
-def upload_context(
-    archive: PackagedContext,
-    *,
-    credentials: AwsCredentials,
-    bucket: str,
-    prefix: str,
-    component: str,
-    ttl_seconds: int,
-) -> UploadedContext:
+def store_context(
+    archive: PackagedContext, *, credentials: AwsCredentials, bucket: str, prefix: str, component: str
+) -> StoredContext:
+    """Put the archive under its content-addressed key, unless an object of the same size is there already."""
     s3 = aws_client(credentials, "s3")
     key = context_key(prefix, component, archive.sha256)
     with _explained(f"the check whether s3://{bucket}/{key} exists", bucket, prefix):
@@ -119,14 +121,20 @@ def upload_context(
         with _explained(f"the upload of the build context to s3://{bucket}/{key}", bucket, prefix):
             s3.upload_file(str(archive.path), bucket, key,
                            ExtraArgs={"ChecksumAlgorithm": "SHA256", "ContentType": "application/gzip"})
+    return StoredContext(bucket=bucket, key=key, uploaded=uploaded)
+
+
+def presign(credentials: AwsCredentials, stored: StoredContext, ttl_seconds: int) -> UploadedContext:
+    """A GET URL for the stored archive that expires after `ttl_seconds`; signing is local, no request to S3."""
     with carrying_secrets():
-        url = s3.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=ttl_seconds
+        url = aws_client(credentials, "s3").generate_presigned_url(
+            "get_object", Params={"Bucket": stored.bucket, "Key": stored.key}, ExpiresIn=ttl_seconds
         )
-    return UploadedContext(
-        bucket=bucket,
-        key=key,
-        url=SecretStr(url),
-        expires_at=datetime.now(timezone.utc) + timedelta(seconds=ttl_seconds),
-        uploaded=uploaded,
-    )
+    expires_at = datetime.now(timezone.utc) + timedelta(seconds=ttl_seconds)
+    return UploadedContext(**stored.model_dump(), url=SecretStr(url), expires_at=expires_at)
+
+
+def upload_context(archive: PackagedContext, *, credentials: AwsCredentials, bucket: str, prefix: str,
+                   component: str, ttl_seconds: int) -> UploadedContext:
+    stored = store_context(archive, credentials=credentials, bucket=bucket, prefix=prefix, component=component)
+    return presign(credentials, stored, ttl_seconds)

@@ -5,8 +5,9 @@ cluster: it reads the Pod spec the way the kubelet would hand it to the
 container, downloads the presigned context URL, checks the archive layout the
 dockerfile frontend expects, checks the mounted registry config against a token
 minted from the same account, reads the mounted build secrets, "pushes" the
-image to the sandbox ECR, and writes buildctl's metadata JSON as the
-termination message. Progress goes to the log as `--progress=rawjson` lines. A
+image (an OCI manifest with one layer per FROM/RUN/COPY/ADD, see
+sandbox/builders.py) to the sandbox ECR, and writes buildctl's metadata JSON as
+the termination message. Progress goes to the log as `--progress=rawjson` lines. A
 broken contract, or a failure a test asks for, fails the pod with the text real
 BuildKit prints.
 """
@@ -15,32 +16,30 @@ from __future__ import annotations
 
 import base64
 import csv
-import gzip
 import hashlib
-import io
 import json
-import tarfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from sandbox.aws import AwsSandbox
+from sandbox.builders import (
+    OCI,
+    ContractError,
+    Killed,
+    docker_config_auths,
+    dockerfile_instructions,
+    final_stage_steps,
+    image_manifest,
+    minted_token,
+    mounted_secret_file,
+    push_manifest,
+    unpack,
+)
 from sandbox.kube import KubeEmulator, PodHandle
 
 ECR_CACHE_ATTRIBUTES = ("type=registry", "mode=max", "image-manifest=true", "oci-mediatypes=true")
-
-
-class ContractError(Exception):
-    """What real BuildKit would have failed with."""
-
-
-class Killed(Exception):
-    """The container was killed (SIGKILL, exit code 137) while a step ran: the kernel's OOM killer or a kubelet."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def is_buildkit_pod(pod: dict) -> bool:
@@ -179,9 +178,9 @@ class SimulatedBuildKit:
 
         progress.step("[internal] load remote build context")
         archive = _download(args.opts.get("context", ""))
-        dockerfile = _check_layout(archive, args.opts.get("filename", "Dockerfile"), args.opts.get("contextsubdir", ""))
-        instructions = [line.strip() for line in dockerfile.splitlines()
-                        if line.strip() and not line.lstrip().startswith("#")]
+        contextsubdir = args.opts.get("contextsubdir", "")
+        tree, dockerfile = _check_layout(archive, args.opts.get("filename", "Dockerfile"), contextsubdir)
+        instructions = dockerfile_instructions(dockerfile)
         cache_ready = bool(args.import_cache) and args.import_cache.partition("ref=")[2] in self.exported_caches
         if args.import_cache and not cache_ready:
             progress.step("importing cache manifest from " + args.import_cache.partition("ref=")[2],
@@ -201,11 +200,16 @@ class SimulatedBuildKit:
             progress.step(name, cached=cache_ready and not instruction.startswith("COPY"), seconds=seconds)
         if failure:
             raise ContractError(failure)
-        if auth.get(registry) != self._minted_token(registry):
+        if auth.get(registry) != minted_token(self.aws, self.region, registry):
             progress.step("exporting to image", error="401 Unauthorized")
             raise ContractError(f"failed to push {names[0]}: unexpected status from HEAD request: 401 Unauthorized")
-        digest = "sha256:" + hashlib.sha256(archive + repository.encode()).hexdigest()
-        self._push(names, digest)
+        context = {path.removeprefix(f"{contextsubdir}/"): data for path, data in tree.items()
+                   if not contextsubdir or path.startswith(f"{contextsubdir}/")}
+        build_args = {k.removeprefix("build-arg:"): v for k, v in args.opts.items() if k.startswith("build-arg:")}
+        labels = {k.removeprefix("label:"): v for k, v in args.opts.items() if k.startswith("label:")}
+        steps = final_stage_steps("buildkit", instructions, context, build_args, OCI)
+        manifest, digest = image_manifest(steps, labels, args.opts.get("platform", ""), OCI)
+        self._push(names, manifest, digest)
         progress.step("exporting to image", output=f"pushing manifest for {names[0]}@{digest} done\n")
         if args.export_cache:
             self.exported_caches.add(args.export_cache.split("ref=")[1].split(",")[0])
@@ -219,66 +223,30 @@ class SimulatedBuildKit:
             "metadata": {"containerimage.digest": digest, "image.name": ",".join(names)},
         }
 
-    def _secret_volume(self, handle: PodHandle, container: dict, path: str) -> tuple[dict, dict] | None:
-        """The mount serving `path` and the Secret volume behind it."""
-        for mount in container.get("volumeMounts", []):
-            if path == mount["mountPath"] or path.startswith(mount["mountPath"].rstrip("/") + "/"):
-                volume = next((v for v in handle.pod["spec"].get("volumes", []) if v["name"] == mount["name"]), None)
-                if volume and "secret" in volume:
-                    return mount, volume
-        return None
-
-    def _read_secret_key(self, namespace: str, volume: dict, key: str) -> bytes:
-        name = volume["secret"]["secretName"]
-        secret = self.emulator.get("secrets", namespace, name)
-        if secret is None:
-            raise ContractError(f'MountVolume.SetUp failed for volume "{volume["name"]}": secret "{name}" not found')
-        if key not in (secret.get("data") or {}):
-            raise ContractError(f'secret "{name}" has no key {key!r}')
-        return base64.b64decode(secret["data"][key])
-
     def _mounted_registry_auth(self, handle: PodHandle, container: dict) -> dict[str, str]:
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         config_dir = env.get("DOCKER_CONFIG")
         if not config_dir:
             raise ContractError("DOCKER_CONFIG is not set: buildctl will find no registry credentials")
-        found = self._secret_volume(handle, container, f"{config_dir}/config.json")
-        if not found:
-            raise ContractError(f"no Secret is mounted at $DOCKER_CONFIG ({config_dir})")
-        _, volume = found
-        items = {i["key"]: i["path"] for i in volume["secret"].get("items", [])}
-        if items.get(".dockerconfigjson") != "config.json":
-            raise ContractError("the Secret's .dockerconfigjson must be mounted as config.json")
-        config = json.loads(self._read_secret_key(handle.namespace, volume, ".dockerconfigjson"))
-        return {host: entry.get("auth") for host, entry in config.get("auths", {}).items()}
+        config = mounted_secret_file(self.emulator, handle.pod, container, f"{config_dir.rstrip('/')}/config.json")
+        if config is None:
+            raise ContractError(f"no Secret mounts config.json at $DOCKER_CONFIG ({config_dir}): "
+                                "the Secret's .dockerconfigjson must be mounted as config.json")
+        return docker_config_auths(config)
 
     def _mounted_secret(self, handle: PodHandle, container: dict, secret_id: str, src: str) -> bytes:
-        found = self._secret_volume(handle, container, src)
-        if not found:
+        value = mounted_secret_file(self.emulator, handle.pod, container, src)
+        if value is None:
             raise ContractError(f"failed to load secret {secret_id}: open {src}: no such file or directory")
-        mount, volume = found
-        filename = mount.get("subPath") or src.removeprefix(mount["mountPath"].rstrip("/") + "/")
-        key = next((i["key"] for i in volume["secret"].get("items", []) if i["path"] == filename), filename)
-        return self._read_secret_key(handle.namespace, volume, key)
+        return value
 
-    def _minted_token(self, registry: str) -> str:
-        account = registry.split(".", 1)[0]
-        ecr = self.aws.client("ecr", self.region)
-        return ecr.get_authorization_token(registryIds=[account])["authorizationData"][0]["authorizationToken"]
-
-    def _push(self, names: list[str], digest: str) -> None:
-        ecr = self.aws.client("ecr", self.region)
-        manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"})
+    def _push(self, names: list[str], manifest: str, digest: str) -> None:
         for name in names:
-            repository, _, tag = name.partition("/")[2].rpartition(":")
-            try:
-                ecr.put_image(repositoryName=repository, imageManifest=manifest, imageTag=tag, imageDigest=digest)
-            except ecr.exceptions.ImageAlreadyExistsException:
-                pass
-            except ecr.exceptions.RepositoryNotFoundException:
+            if not push_manifest(self.aws, self.region, name, manifest, digest):
+                repository = name.partition("/")[2].rpartition(":")[0]
                 raise ContractError(
                     f"failed to push {name}: name unknown: The repository with name '{repository}' does not exist"
-                ) from None
+                )
 
 
 def _single_container(spec: dict) -> dict:
@@ -324,16 +292,14 @@ def _download(url: str) -> bytes:
         raise ContractError(f"failed to resolve httpcontext: {exc}") from None
 
 
-def _check_layout(archive: bytes, filename: str, contextsubdir: str) -> str:
-    """The Dockerfile the frontend would read, after checking what it needs is where it looks."""
+def _check_layout(archive: bytes, filename: str, contextsubdir: str) -> tuple[dict[str, bytes | None], str]:
+    """The unpacked archive and the Dockerfile the frontend would read, after checking what it needs is where it
+    looks."""
     if archive[:2] != b"\x1f\x8b":
         raise ContractError("remote context is not a gzip-compressed tar archive")
-    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(archive)), mode="r:") as tar:
-        members = {m.name.removeprefix("./"): m for m in tar.getmembers()}
-        if filename not in members or not members[filename].isfile():
-            raise ContractError(
-                f"failed to read dockerfile: open {filename}: no such file or directory"
-            )
-        if contextsubdir and not any(name == contextsubdir or name.startswith(contextsubdir + "/") for name in members):
-            raise ContractError(f"contextsubdir {contextsubdir!r} not found in the context")
-        return tar.extractfile(members[filename]).read().decode()
+    tree = unpack(archive)
+    if tree.get(filename) is None:
+        raise ContractError(f"failed to read dockerfile: open {filename}: no such file or directory")
+    if contextsubdir and contextsubdir not in tree:
+        raise ContractError(f"contextsubdir {contextsubdir!r} not found in the context")
+    return tree, tree[filename].decode()

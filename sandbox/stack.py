@@ -1,4 +1,4 @@
-"""The local sandbox: moto for S3/ECR/STS, a Kubernetes API emulator, and a simulated BuildKit pod.
+"""The local sandbox: moto for S3/ECR/STS, a Kubernetes API emulator, and simulated BuildKit and Kaniko pods.
 
 Everything listens on 127.0.0.1 and lives only as long as the Sandbox object.
 Tests start one per session; `buildkit-pipeline run --sandbox` and `make demo`
@@ -12,7 +12,9 @@ from pathlib import Path
 
 from flows.config import PipelineConfig
 from sandbox.aws import AwsSandbox
+from sandbox.builders import ecr_image_sizes_from_layers
 from sandbox.buildkit import SimulatedBuildKit
+from sandbox.kaniko import SimulatedKaniko
 from sandbox.kube import KubeEmulator
 
 
@@ -23,15 +25,23 @@ class Sandbox:
         self.aws = AwsSandbox()
         self.kube = KubeEmulator()
         self.buildkit = SimulatedBuildKit(self.kube, self.aws)
+        self.kaniko = SimulatedKaniko(self.kube, self.aws)
         self.kubeconfig = self.workdir / "kubeconfig"
 
     def start(self) -> Sandbox:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aws.start()
+        ecr_image_sizes_from_layers()
         self.kube.start()
         self.kube.write_kubeconfig(self.kubeconfig)
-        self.buildkit.install()
+        self.install_builders()
         return self
+
+    def install_builders(self) -> None:
+        """The simulated BuildKit and Kaniko pods as the only pod behaviours, e.g. after a test's own."""
+        self.kube.clear_pod_behaviours()
+        self.buildkit.install()
+        self.kaniko.install()
 
     def stop(self) -> None:
         self.kube.stop()
@@ -48,5 +58,5 @@ class Sandbox:
     def prepare(self, config: PipelineConfig) -> dict:
         """Create the bucket and repositories the pipeline expects; return the flow's connection arguments."""
         self.aws.provision(config)
-        self.buildkit.region = config.aws.region
+        self.buildkit.region = self.kaniko.region = config.aws.region
         return {"aws_credentials": self.aws.credentials(config.aws.region), "kubeconfig": str(self.kubeconfig)}

@@ -1,0 +1,249 @@
+"""What the simulated builders (sandbox/buildkit.py, sandbox/kaniko.py) share: reading the files a Secret volume
+mounts into the build container, the ECR token they compare the mounted one with, the layers and manifest of the
+image a Dockerfile makes, and pushing that manifest to the sandbox ECR.
+
+An image has one layer per filesystem-changing instruction (the base image's, then one per RUN, COPY and ADD of
+the final stage). Sizes come from the context alone: a COPY/ADD layer is the gzip of the files it copies, a RUN
+layer's size is drawn from a hash of everything before it, the base layer's from the base image's name. Layer
+digests also hash the builder's name, so the two builders push different digests for the same context, as real
+ones do. The manifest digest is the sha256 of the manifest bytes, as a registry computes it.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import gzip
+import hashlib
+import io
+import json
+import shlex
+import tarfile
+from dataclasses import dataclass
+
+from sandbox.aws import AwsSandbox
+from sandbox.kube import KubeEmulator
+
+MiB = 1 << 20
+OCI = {"manifest": "application/vnd.oci.image.manifest.v1+json",
+       "config": "application/vnd.oci.image.config.v1+json",
+       "layer": "application/vnd.oci.image.layer.v1.tar+gzip"}
+DOCKER_V2 = {"manifest": "application/vnd.docker.distribution.manifest.v2+json",
+             "config": "application/vnd.docker.container.image.v1+json",
+             "layer": "application/vnd.docker.image.rootfs.diff.tar.gzip"}
+FILESYSTEM_INSTRUCTIONS = ("RUN", "COPY", "ADD")
+
+
+class ContractError(Exception):
+    """What the real build pod would have failed with."""
+
+
+class Killed(Exception):
+    """The container was killed (SIGKILL, exit code 137) while a step ran: the kernel's OOM killer or a kubelet."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ------------------------------------------------------------------ the pod's mounted Secrets
+
+def secret_volume(pod: dict, container: dict, path: str) -> tuple[dict, dict] | None:
+    """The mount serving `path` in the container and the Secret volume behind it."""
+    for mount in container.get("volumeMounts", []):
+        if path == mount["mountPath"] or path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            volume = next((v for v in pod["spec"].get("volumes", []) if v["name"] == mount["name"]), None)
+            if volume and "secret" in volume:
+                return mount, volume
+    return None
+
+
+def read_secret_key(emulator: KubeEmulator, namespace: str, volume: dict, key: str) -> bytes:
+    name = volume["secret"]["secretName"]
+    secret = emulator.get("secrets", namespace, name)
+    if secret is None:
+        raise ContractError(f'MountVolume.SetUp failed for volume "{volume["name"]}": secret "{name}" not found')
+    if key not in (secret.get("data") or {}):
+        raise ContractError(f'secret "{name}" has no key {key!r}')
+    return base64.b64decode(secret["data"][key])
+
+
+def mounted_secret_file(emulator: KubeEmulator, pod: dict, container: dict, path: str) -> bytes | None:
+    """The bytes the container reads at `path` when a Secret volume puts a file there, else None."""
+    found = secret_volume(pod, container, path)
+    if not found:
+        return None
+    mount, volume = found
+    filename = mount.get("subPath") or path.removeprefix(mount["mountPath"].rstrip("/") + "/")
+    namespace = pod["metadata"].get("namespace", "default")
+    items = volume["secret"].get("items")
+    if items:  # only the listed keys, under their paths
+        key = next((i["key"] for i in items if i["path"] == filename), None)
+    else:  # every key, under its own name
+        secret = emulator.get("secrets", namespace, volume["secret"]["secretName"]) or {}
+        key = filename if not secret or filename in (secret.get("data") or {}) else None
+    return None if key is None else read_secret_key(emulator, namespace, volume, key)
+
+
+def docker_config_auths(config_json: bytes) -> dict[str, str]:
+    """registry host -> `auth` of a docker config.json."""
+    return {host: entry.get("auth") for host, entry in json.loads(config_json).get("auths", {}).items()}
+
+
+def minted_token(aws: AwsSandbox, region: str, registry: str) -> str:
+    """The token the flow would have minted for `registry`: base64 of `AWS:<password>`."""
+    account = registry.split(".", 1)[0]
+    ecr = aws.client("ecr", region)
+    return ecr.get_authorization_token(registryIds=[account])["authorizationData"][0]["authorizationToken"]
+
+
+# ------------------------------------------------------------------ the build context and the Dockerfile
+
+def unpack(archive: bytes) -> dict[str, bytes | None]:
+    """The archive's paths (no leading `./`): file contents, None for directories, parents included."""
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(archive)), mode="r:") as tar:
+        tree: dict[str, bytes | None] = {}
+        for member in tar.getmembers():
+            name = member.name.removeprefix("./").rstrip("/")
+            parts = name.split("/")
+            for depth in range(1, len(parts)):
+                tree.setdefault("/".join(parts[:depth]), None)
+            tree[name] = tar.extractfile(member).read() if member.isfile() else None
+        return tree
+
+
+def dockerfile_instructions(text: str) -> list[str]:
+    """The Dockerfile's instructions, one string each: continuation lines joined, comments and blanks left out."""
+    instructions, pending = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or (stripped.startswith("#") and not pending):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1].strip() + " "
+            continue
+        instructions.append(pending + stripped)
+        pending = ""
+    if pending.strip():
+        instructions.append(pending.strip())
+    return instructions
+
+
+def keyword(instruction: str) -> str:
+    return instruction.split(None, 1)[0].upper()
+
+
+def _sources(instruction: str) -> list[str]:
+    """The source paths of a COPY/ADD: every argument but flags and the destination."""
+    rest = instruction.split(None, 1)[1] if " " in instruction else ""
+    args = json.loads(rest) if rest.lstrip().startswith("[") else shlex.split(rest)
+    return [a for a in args if not a.startswith("--")][:-1]
+
+
+def copied_files(instruction: str, context: dict[str, bytes | None]) -> dict[str, bytes]:
+    """The context files a COPY/ADD takes: `.` is everything, a directory its contents, else a name or pattern."""
+    wanted: dict[str, bytes] = {}
+    for source in _sources(instruction):
+        source = source.strip("/").removeprefix("./") if source not in (".", "./", "/") else ""
+        for path, data in context.items():
+            if data is not None and (not source or path == source or path.startswith(source + "/")
+                                     or fnmatch.fnmatchcase(path, source)):
+                wanted[path] = data
+    return dict(sorted(wanted.items()))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One instruction of the final stage. `key` hashes everything its result depends on (the base image, the
+    build args, every earlier instruction and the files they copied); `layer` is None for metadata-only ones."""
+
+    instruction: str
+    key: str
+    layer: dict | None
+
+
+def _sized(seed: str, low: int, spread: int) -> int:
+    return low + int(hashlib.sha256(seed.encode()).hexdigest()[:12], 16) % spread
+
+
+def final_stage_steps(builder: str, instructions: list[str], context: dict[str, bytes | None],
+                      build_args: dict[str, str], media: dict[str, str]) -> list[Step]:
+    """The steps of the Dockerfile's last stage, from its FROM on."""
+    last_from = max((i for i, line in enumerate(instructions) if keyword(line) == "FROM"), default=0)
+    steps: list[Step] = []
+    chain = ""
+    for instruction in instructions[last_from:]:
+        word = keyword(instruction)
+        copied = copied_files(instruction, context) if word in ("COPY", "ADD") else {}
+        content = b"".join(path.encode() + b"\0" + data for path, data in copied.items())
+        if word == "FROM":
+            base = next(arg for arg in instruction.split()[1:] if not arg.startswith("--"))
+            chain = hashlib.sha256(f"{base}|{sorted(build_args.items())}".encode()).hexdigest()
+            layer = {"digest": "sha256:" + hashlib.sha256(f"base layer of {base}".encode()).hexdigest(),
+                     "size": _sized(base, 25 * MiB, 30 * MiB)}
+        else:
+            chain = hashlib.sha256(chain.encode() + instruction.encode() + hashlib.sha256(content).digest()).hexdigest()
+            layer = None
+            if word in FILESYSTEM_INSTRUCTIONS:
+                size = len(gzip.compress(content, mtime=0)) if word != "RUN" else _sized(chain, MiB, 63 * MiB)
+                layer = {"digest": "sha256:" + hashlib.sha256(f"{builder}|{chain}".encode()).hexdigest(), "size": size}
+        steps.append(Step(instruction, chain, {"mediaType": media["layer"], **layer} if layer else None))
+    return steps
+
+
+def image_manifest(steps: list[Step], labels: dict[str, str], platform: str, media: dict[str, str]) -> tuple[str, str]:
+    """The image manifest of these steps (a config blob and their layers) and its digest."""
+    os_name, _, architecture = (platform or "linux/amd64").partition("/")
+    layers = [s.layer for s in steps if s.layer]
+    config = json.dumps({
+        "architecture": architecture, "os": os_name, "config": {"Labels": dict(sorted(labels.items()))},
+        "rootfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]},
+        "history": [{"created_by": s.instruction, **({} if s.layer else {"empty_layer": True})} for s in steps],
+    }, sort_keys=True, separators=(",", ":")).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": media["manifest"],
+        "config": {"mediaType": media["config"], "size": len(config),
+                   "digest": "sha256:" + hashlib.sha256(config).hexdigest()},
+        "layers": layers,
+    }, separators=(",", ":"))
+    return manifest, "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------ the registry
+
+def split_name(name: str) -> tuple[str, str, str]:
+    """`<registry>/<repository>:<tag>` -> (registry, repository, tag)."""
+    registry, _, rest = name.partition("/")
+    repository, _, tag = rest.rpartition(":")
+    return registry, repository, tag
+
+
+def push_manifest(aws: AwsSandbox, region: str, name: str, manifest: str, digest: str) -> bool:
+    """Tag `name` with the manifest in the sandbox ECR; False when its repository does not exist."""
+    ecr = aws.client("ecr", region)
+    _, repository, tag = split_name(name)
+    try:  # moto's put_image answers a missing repository with a 500, ECR with RepositoryNotFoundException
+        ecr.describe_repositories(repositoryNames=[repository])
+    except ecr.exceptions.RepositoryNotFoundException:
+        return False
+    try:
+        ecr.put_image(repositoryName=repository, imageManifest=manifest, imageTag=tag, imageDigest=digest)
+    except ecr.exceptions.ImageAlreadyExistsException:
+        pass
+    return True
+
+
+def _layers_total(image) -> int | None:
+    manifest = json.loads(image.image_manifest)
+    return sum(layer["size"] for layer in manifest["layers"]) if "layers" in manifest else None
+
+
+def ecr_image_sizes_from_layers() -> None:
+    """Make moto's `imageSizeInBytes` ECR's: the sum of the pushed compressed layers (the DescribeImages docs).
+
+    moto 5 answers with the manifest's `config.size` instead, which would make the size a few hundred bytes. The
+    moto server runs in this process (ThreadedMotoServer), so patching its model is enough.
+    """
+    from moto.ecr.models import Image
+
+    Image.get_image_size_in_bytes = _layers_total
