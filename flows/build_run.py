@@ -38,7 +38,7 @@ from flows.build import (
 from flows.builders import job_manifest
 from flows.kube import Watch, as_dict, with_retries
 from flows.registry_auth import RegistryToken, owned_by, registry_secret_manifest
-from flows.secrecy import carrying_secrets
+from flows.secrecy import carrying_secrets, withhold_presigned_query
 
 LOG_TAIL_LINES = 50
 LOG_DRAIN_SECONDS = 2.0
@@ -263,7 +263,7 @@ async def run_build(
                 digest = read_digest(terminated_state(succeeded[-1]).get("message", ""))
                 return BuiltImage(repository=request.image.repository, tags=request.image.tags, digest=digest,
                                   job=name)
-        tail = await _log_tail(api, namespace, pods)
+        tail = withhold_presigned_query(await _log_tail(api, namespace, pods))
         events = await _events(api, namespace, name)
         raise BuildFailed(
             f"{component}: build Job {namespace}/{name} failed: {explain(tail, job, pods, events)}\n"

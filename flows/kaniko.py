@@ -62,4 +62,9 @@ def kaniko_job_manifest(request: BuildRequest) -> dict:
         "env": [{"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_DIR}],
         "volumeMounts": [config_mount],
     }
-    return build_job(request, container, [config_volume])
+    job = build_job(request, container, [config_volume])
+    if request.platforms:
+        # Kaniko runs RUN steps natively: a build for another architecture must land on a node of it.
+        pod = job["spec"]["template"]["spec"]
+        pod.setdefault("nodeSelector", {}).setdefault("kubernetes.io/arch", request.platforms[0].split("/")[1])
+    return job

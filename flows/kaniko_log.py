@@ -31,15 +31,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from flows.progress import BuildStep
+from flows.secrecy import withhold_presigned_query
 
 INSTRUCTIONS = (
     "ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "HEALTHCHECK", "LABEL",
     "MAINTAINER", "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR",
 )
 CACHED_LAYER = "Found cached layer, extracting to filesystem"
-QUERY_WITHHELD = "?<presigned query withheld>"
-
-_PRESIGNED_QUERY = re.compile(r"(https://[^\s\"?]+)\?[^\s\"]*X-Amz-Signature=[^\s\"]*")
 _FIELD = re.compile(r'([\w.-]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)(?: +|$)')
 _GO_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
 _GO_SIMPLE_ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
@@ -141,12 +139,12 @@ class KanikoLog:
             return []
         entry = parse_line(text)
         if entry is None:
-            text = _withhold_query(text)
+            text = withhold_presigned_query(text)
             if _FATAL.match(text):
                 self._fail(text)
             return [text]
         self._apply(entry)
-        return [_withhold_query(out) for out in entry.lines()]
+        return [withhold_presigned_query(out) for out in entry.lines()]
 
     def steps(self) -> list[BuildStep]:
         return [
@@ -193,7 +191,7 @@ class KanikoLog:
     def _fail(self, error: str) -> None:
         """The fatal error ends the running step; when is unknown, since the command's own output has no timestamps."""
         if self._running:
-            self._running.error = _withhold_query(error)
+            self._running.error = withhold_presigned_query(error)
             self._running = None
 
 
@@ -210,10 +208,6 @@ def kaniko_plain(log: str) -> str:
 def is_kaniko_log(plain: str) -> bool:
     """Whether text `kaniko_plain` returned carries lines only Kaniko writes."""
     return _KANIKO_SAYS.search(plain) is not None
-
-
-def _withhold_query(text: str) -> str:
-    return _PRESIGNED_QUERY.sub(lambda found: found[1] + QUERY_WITHHELD, text)
 
 
 def _timestamp(value: str) -> datetime | None:

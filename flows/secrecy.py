@@ -1,8 +1,10 @@
-"""`carrying_secrets`: keep the AWS and Kubernetes clients' DEBUG output of calls that carry secrets out of the logs."""
+"""Keeping secrets out of logs: `carrying_secrets` for the AWS and Kubernetes clients' DEBUG output of calls that
+carry them, and `withhold_presigned_query` for build logs that print a presigned URL."""
 
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator
@@ -10,6 +12,13 @@ from typing import Iterator
 _CARRYING_SECRETS: ContextVar[bool] = ContextVar("carrying_secrets", default=False)
 BODY_LOGGERS = ("botocore.auth", "botocore.endpoint", "botocore.parsers", "kubernetes_asyncio.client.rest")
 WITHHELD = "(debug output withheld: the call carries a secret)"
+QUERY_WITHHELD = "?<presigned query withheld>"
+_PRESIGNED_QUERY = re.compile(r"(https?://[^\s\"?]+)\?[^\s\"]*X-Amz-Signature=[^\s\"]*")
+
+
+def withhold_presigned_query(text: str) -> str:
+    """A presigned URL's query (its signature) replaced: builders print the context URL when its download fails."""
+    return _PRESIGNED_QUERY.sub(lambda found: found[1] + QUERY_WITHHELD, text)
 
 
 class _WithholdSecretTraffic(logging.Filter):

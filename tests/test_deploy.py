@@ -46,10 +46,9 @@ def edit_pipeline(app, old: str, new: str) -> None:
 
 @pytest.fixture
 def pod_behaviour(sandbox):
-    """Register a behaviour for some Pods for one test; the BuildKit stand-in is put back afterwards."""
+    """Register a behaviour for some Pods for one test; the builders' stand-ins are put back afterwards."""
     yield sandbox.kube.on_pod
-    sandbox.kube.clear_pod_behaviours()
-    sandbox.buildkit.install()
+    sandbox.install_builders()
 
 
 @pytest.fixture

@@ -93,8 +93,10 @@ def test_the_registry_secret_is_mounted_where_kaniko_reads_it():
 def test_no_cache_leaves_the_cache_out_and_options_reach_the_executor():
     args = container(job_manifest(request(no_cache=True)))["args"]
     assert not [a for a in args if a.startswith("--cache")]
-    args = container(job_manifest(request(**VARIANTS["one-platform-target-args"])))["args"]
-    assert {"--custom-platform=linux/arm64", "--target=runtime", "--build-arg=A=1"} <= set(args)
+    job = job_manifest(request(**VARIANTS["one-platform-target-args"]))
+    assert {"--custom-platform=linux/arm64", "--target=runtime", "--build-arg=A=1"} <= set(container(job)["args"])
+    assert job["spec"]["template"]["spec"]["nodeSelector"] == {"kubernetes.io/arch": "arm64"}
+    assert "nodeSelector" not in job_manifest(request())["spec"]["template"]["spec"]
 
 
 def test_what_kaniko_cannot_do_is_refused_before_a_job_exists():

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.kaniko_log import QUERY_WITHHELD, KanikoLog, go_unquote, is_kaniko_log, kaniko_plain, parse_line
+from flows.kaniko_log import KanikoLog, go_unquote, is_kaniko_log, kaniko_plain, parse_line
 from flows.progress import step_table
+from flows.secrecy import QUERY_WITHHELD
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kaniko"
 BUILDKIT_FIXTURES = Path(__file__).parent / "fixtures" / "buildkit"

@@ -362,6 +362,18 @@ def test_a_context_url_s3_refuses_fails_with_httpstar_bad_status(prefect_server,
     assert result.messages == ["Retrieving https tar file", result.log[-1]]
 
 
+def test_an_unreachable_context_url_is_reported_without_its_signature(prefect_server, sandbox, app):
+    """Kaniko prints the whole URL when the download fails; the error the flow raises keeps the signature out."""
+    request = kaniko_request(app)
+    signature = re.search(r"X-Amz-Signature=([0-9a-f]+)", request.context_url)[1]
+    unreachable = "http://127.0.0.1:9/" + request.context_url.split("/", 3)[3]
+    result = build(sandbox, app, request.model_copy(update={"context_url": unreachable}))
+
+    assert signature in result.log[-1] and result.log[-1].startswith("Error: error resolving source context: Get ")
+    assert signature not in str(result.error)
+    assert "127.0.0.1:9/" in str(result.error) and "?<presigned query withheld>" in str(result.error)
+
+
 def test_a_plain_http_context_outside_the_sandbox_is_an_unknown_prefix(prefect_server, sandbox, app):
     result = build(sandbox, app, kaniko_request(app, context_url="http://contexts.example.com/weather-mcp.tar.gz"))
 
