@@ -10,11 +10,13 @@ Python's start-up is left out; peak RSS is that process's (`wait4`).
 
 1. The example app with three components: weather-mcp, and weather-agent and
    travel-agent whose releases deploy after it. Simulated build times are the
-   measured EKS figures divided by 20 (58, 134, 139 s -> 2.9, 6.7, 6.95 s) and
+   measured EKS figures divided by 20 (58, 134, 139 s -> 2.9, 6.7, 6.95 s; how long
+   the simulated build pod runs, its own download, checks and push included) and
    every Deployment becomes Ready 1 s after its pods are created.
    One untimed run installs the releases; then, ROUNDS times, alternately:
    the three components in one run (`parallel`), and the same three run one
-   after another, one run each in release order (`serial`).
+   after another, one run each in release order (`serial`). Every one of these
+   builds a new commit, so every release really rolls out.
    - `critical_path_ratio` = median parallel wall / ideal critical path, where
      the ideal is the longest chain of simulated build and rollout times along
      `after:` (here travel-agent: 6.95 + 1 = 7.95 s): what a run with zero
@@ -150,12 +152,25 @@ def figure(name: str, value: float, digits: int = 2) -> None:
     print(f"{name}: {value if isinstance(value, int) else round(value, digits)}", flush=True)
 
 
+def new_commit(app: Path, config: PipelineConfig) -> None:
+    """Change every component's context and commit, so the next run builds new images and really rolls them out
+    (helm leaves a Deployment whose image did not change alone, and no pod would wait out the rollout delay)."""
+    marker = app.parent / config.components[0].context / "BENCH_REVISION"
+    revision = int(marker.read_text()) + 1 if marker.exists() else 1
+    for component in config.components:
+        (app.parent / component.context / "BENCH_REVISION").write_text(str(revision))
+    commit_all(app.parent, f"Benchmark revision {revision}")
+
+
 def three_components(run: FlowRunner, app: Path, rounds: int, suffix: str = "") -> None:
     config = load_config(app)
+    new_commit(app, config)
     run(app)
     parallel, serial = [], []
     for _ in range(rounds):
+        new_commit(app, config)
         parallel.append(run(app))
+        new_commit(app, config)
         serial.append(sum(run(app, components=[c.name]).wall_s for c in config.components))
     parallel_wall = statistics.median(r.wall_s for r in parallel)
     ideal = ideal_critical_path(config, SCALED_BUILD_SECONDS, ROLLOUT_SECONDS)

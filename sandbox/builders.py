@@ -19,6 +19,7 @@ import io
 import json
 import shlex
 import tarfile
+import time
 from dataclasses import dataclass
 
 from sandbox.aws import AwsSandbox
@@ -247,3 +248,33 @@ def ecr_image_sizes_from_layers() -> None:
     from moto.ecr.models import Image
 
     Image.get_image_size_in_bytes = _layers_total
+
+
+class Pace:
+    """A build's simulated seconds spread over its steps, so that the pod's whole run takes that long.
+
+    A measured build time covers everything the pod does, so the stand-in's own
+    work (download, checks, push) comes out of the same budget; a step taken from
+    the cache costs nothing. Created when the pod starts; `spread_over` once the
+    steps are known; `finish` waits out what is left, just before the push.
+    """
+
+    def __init__(self, total: float) -> None:
+        self._deadline = time.monotonic() + total
+        self._total, self._share, self._left = total, 0.0, 1
+
+    def spread_over(self, steps: int) -> None:
+        self._share, self._left = self._total / (steps + 1), steps + 1
+
+    def step(self, *, cached: bool = False) -> float:
+        """The seconds this step takes: its share of what is left of the budget."""
+        if cached:
+            self._deadline -= self._share
+            seconds = 0.0
+        else:
+            seconds = max(0.0, self._deadline - time.monotonic()) / self._left
+        self._left = max(self._left - 1, 1)
+        return seconds
+
+    def finish(self) -> None:
+        time.sleep(max(0.0, self._deadline - time.monotonic()))

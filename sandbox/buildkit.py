@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from sandbox.aws import AwsSandbox
 from sandbox.builders import (
     OCI,
+    Pace,
     ContractError,
     Killed,
     docker_config_auths,
@@ -122,8 +123,8 @@ class RawJsonProgress:
 
 @dataclass
 class SimulatedBuildKit:
-    """The BuildKit pod's behaviour. Tests steer builds by image repository: `build_seconds` spreads
-    that much time over the steps, `failures` fails the first RUN step with that text, and `kills`
+    """The BuildKit pod's behaviour. Tests steer builds by image repository: `build_seconds` is how
+    long the pod runs, spread over the steps (`sandbox.builders.Pace`), `failures` fails the first RUN step with that text, and `kills`
     kills the container when the first RUN step has started, exit code 137 with that termination
     reason (`OOMKilled`, or `Error` for a SIGKILL from elsewhere) and no metadata written."""
 
@@ -174,6 +175,7 @@ class SimulatedBuildKit:
         names = args.output.get("name", "").split(",")
         repository = names[0].rsplit(":", 1)[0]
         registry = names[0].split("/", 1)[0]
+        pace = Pace(self.build_seconds.get(repository, 0.0))
         progress = RawJsonProgress(handle)
 
         progress.step("[internal] load remote build context")
@@ -185,19 +187,20 @@ class SimulatedBuildKit:
         if args.import_cache and not cache_ready:
             progress.step("importing cache manifest from " + args.import_cache.partition("ref=")[2],
                           output="failed to configure registry cache importer: not found\n")
-        seconds = self.build_seconds.get(repository, 0.0) / max(len(instructions), 1)
+        pace.spread_over(len(instructions))
         failure = self.failures.get(repository)
         kill = self.kills.get(repository)
         for number, instruction in enumerate(instructions, 1):
             name = f"[{number}/{len(instructions)}] {instruction}"
             if kill and instruction.startswith("RUN"):
                 progress.started(name)
-                time.sleep(seconds)
+                time.sleep(pace.step())
                 raise Killed(kill)
             if failure and instruction.startswith("RUN"):
-                progress.step(name, output=failure + "\n", error=failure, seconds=seconds)
+                progress.step(name, output=failure + "\n", error=failure, seconds=pace.step())
                 raise ContractError(failure)
-            progress.step(name, cached=cache_ready and not instruction.startswith("COPY"), seconds=seconds)
+            cached = cache_ready and not instruction.startswith("COPY")
+            progress.step(name, cached=cached, seconds=pace.step(cached=cached))
         if failure:
             raise ContractError(failure)
         if auth.get(registry) != minted_token(self.aws, self.region, registry):
@@ -209,6 +212,7 @@ class SimulatedBuildKit:
         labels = {k.removeprefix("label:"): v for k, v in args.opts.items() if k.startswith("label:")}
         steps = final_stage_steps("buildkit", instructions, context, build_args, OCI)
         manifest, digest = image_manifest(steps, labels, args.opts.get("platform", ""), OCI)
+        pace.finish()
         self._push(names, manifest, digest)
         progress.step("exporting to image", output=f"pushing manifest for {names[0]}@{digest} done\n")
         if args.export_cache:

@@ -29,8 +29,8 @@ plain http, so http://127.0.0.1 and http://localhost are read the same way. The 
 this project gives it: one container, no init containers, no `command` that replaces the executor, and not
 privileged (where Kaniko is chosen, Pod Security refuses privileged pods; the failure text is its refusal).
 
-Tests steer builds by image repository like SimulatedBuildKit: `build_seconds` spreads that much time over the
-instructions, `failures` makes the first RUN that runs print that text and fail as kaniko does, and `kills` kills
+Tests steer builds by image repository like SimulatedBuildKit: `build_seconds` is how long the pod runs, spread
+over the instructions (`sandbox.builders.Pace`), `failures` makes the first RUN that runs print that text and fail as kaniko does, and `kills` kills
 the container when that RUN has started (exit code 137 with that reason, no digest written).
 """
 
@@ -51,6 +51,7 @@ from sandbox.builders import (
     DOCKER_V2,
     ContractError,
     Killed,
+    Pace,
     Step,
     docker_config_auths,
     dockerfile_instructions,
@@ -307,6 +308,7 @@ class SimulatedKaniko:
         flags = parse_flags(container.get("args", []))
         log = KanikoLog(handle, flags["log-format"])
         destinations = flags["destination"]
+        pace = Pace(self.build_seconds.get(destinations[0].rpartition(":")[0] if destinations else "", 0.0))
         if not flags["no-push"] and not destinations:
             raise Exited("Error: you must provide --destination, or use --no-push")
         tree, context_dir = self._resolve_source_context(flags, log)
@@ -318,11 +320,12 @@ class SimulatedKaniko:
         build_args = dict(arg.partition("=")[::2] for arg in flags["build-arg"])
         steps = final_stage_steps("kaniko", instructions, tree.under(context_dir), build_args, DOCKER_V2)
         cache_repo = (flags["cache-repo"] or f"{repository}/cache") if flags["cache"] else ""
-        cached = self._do_build(instructions, steps, flags, cache_repo, repository, log)
+        cached = self._do_build(instructions, steps, flags, cache_repo, repository, log, pace)
         labels = dict(label.partition("=")[::2] for label in flags["label"])
         manifest, digest = image_manifest(steps, labels, flags["custom-platform"], DOCKER_V2)
         message = digest if flags["digest-file"] == container.get("terminationMessagePath", "/dev/termination-log") \
             else ""
+        pace.finish()
         if flags["no-push"]:
             log.info("Skipping push to container registry due to --no-push flag")
         for destination in [] if flags["no-push"] else destinations:
@@ -408,7 +411,7 @@ class SimulatedKaniko:
     # ---------------------------------------------------------------- build.go DoBuild
 
     def _do_build(self, instructions: list[str], steps: list[Step], flags: dict, cache_repo: str, repository: str,
-                  log: KanikoLog) -> list[str]:
+                  log: KanikoLog, pace: Pace) -> list[str]:
         """The log of one stage's build, the RUN steps taken from the cache; pushes new RUN layers to it."""
         base = next(arg for arg in steps[0].instruction.split()[1:] if not arg.startswith("--"))
         for line in (f"Retrieving image manifest {base}", f"Retrieving image {base} from registry {_registry(base)}",
@@ -426,13 +429,13 @@ class SimulatedKaniko:
                           or (keyword(s.instruction) == "RUN" and s.instruction not in cached)), None)
         log.info(f"Unpacking rootfs as cmd {unpacking} requires it." if unpacking
                  else "Skipping unpacking as no commands require it.")
-        seconds = self.build_seconds.get(repository, 0.0) / max(len(commands), 1)
+        pace.spread_over(len(commands))
         failure, kill = self.failures.get(repository), self.kills.get(repository)
         snapshotter_ready, cache_errors = False, []
         for step in commands:
             word = keyword(step.instruction)
             log.info(step.instruction)
-            time.sleep(seconds)
+            time.sleep(pace.step(cached=word == "RUN" and step.instruction in cached))
             if word == "RUN" and step.instruction in cached:
                 log.info("Found cached layer, extracting to filesystem")
             elif word == "RUN":

@@ -90,3 +90,26 @@ def test_a_component_kaniko_cannot_build_is_refused_before_a_flow_run(example_ap
         "error: components[1].secrets: Kaniko cannot mount build secrets (RUN --mount=type=secret); "
         "build this component with buildkit"]
     assert jobs(sandbox, app) == []
+
+
+def test_a_component_built_by_kaniko_is_deployed_pinned_to_the_digest_kaniko_pushed(prefect_server, sandbox,
+                                                                                     example_app):
+    app = example_app
+    app.pipeline_file.write_text(app.pipeline_file.read_text().replace(
+        "    image: agents-on-eks/weather-mcp\n", "    image: agents-on-eks/weather-mcp\n    builder: kaniko\n"))
+    commit_all(app.root, "The MCP server built by Kaniko")
+
+    result = app.run().result()
+
+    mcp, agent = (next(c for c in result.components if c.name == name) for name in ("weather-mcp", "weather-agent"))
+    assert (mcp.builder, agent.builder) == ("kaniko", "buildkit")
+    [kaniko_build] = [b for b in sandbox.kaniko.builds if b["pod"].startswith(mcp.image.job)]
+    assert mcp.image.job.startswith("kn-") and kaniko_build["digest"] == mcp.image.digest
+    release = app.config.component("weather-mcp").release
+    deployment = sandbox.kube.get("deployments", release.namespace, release.name)
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        f"{app.config.image_repository(app.config.component('weather-mcp'))}:{result.commit[:12]}@{mcp.image.digest}")
+    assert [step["step"] for step in mcp.steps] == [
+        "WORKDIR /app", "COPY requirements.txt .", "RUN pip install --no-cache-dir -r requirements.txt", "COPY . .",
+        "EXPOSE 8080", "USER 1000", 'CMD ["python", "server.py"]']
+    assert mcp.cache_hits == (0, 1)
