@@ -20,10 +20,10 @@ import json
 import shlex
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sandbox.aws import AwsSandbox
-from sandbox.kube import KubeEmulator
+from sandbox.kube import KubeEmulator, PodHandle
 
 MiB = 1 << 20
 OCI = {"manifest": "application/vnd.oci.image.manifest.v1+json",
@@ -278,3 +278,56 @@ class Pace:
 
     def finish(self) -> None:
         time.sleep(max(0.0, self._deadline - time.monotonic()))
+
+
+@dataclass
+class SimulatedBuilder:
+    """What both stand-ins share: tests steer builds by image repository, and a pod runs from start to exit.
+
+    `build_seconds` is how long the pod runs (see `Pace`), `failures` fails the
+    first RUN step with that text, and `kills` kills the container when the first
+    RUN step has started: exit code 137 with that termination reason (`OOMKilled`,
+    or `Error` for a SIGKILL from elsewhere), nothing written. `builds` records
+    each build that pushed, with its start and end.
+    """
+
+    emulator: KubeEmulator
+    aws: AwsSandbox
+    region: str = "us-west-2"
+    build_seconds: dict[str, float] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    kills: dict[str, str] = field(default_factory=dict)
+    builds: list[dict] = field(default_factory=list)
+
+    @staticmethod
+    def recognises(pod: dict) -> bool:
+        raise NotImplementedError
+
+    def install(self) -> None:
+        self.emulator.on_pod(self.recognises, self.run)
+
+    def run(self, handle: PodHandle) -> None:
+        handle.running()
+        started = time.monotonic()
+        try:
+            record = self._build(handle)
+        except Killed as exc:
+            handle.terminate(137, reason=exc.reason)
+            return
+        except Exception as exc:  # noqa: BLE001 - any failure, expected or not, fails the build, as in a real pod
+            line, message = self._failure(exc)
+            handle.log(line)
+            handle.terminate(1, message=message)
+            return
+        record["started"], record["ended"] = started, time.monotonic()
+        record["seconds"] = record["ended"] - started
+        self.builds.append(record)
+        handle.terminate(0, message=record["termination_message"])
+
+    def _build(self, handle: PodHandle) -> dict:
+        """Check the contract and build; the record must carry the `termination_message` to write."""
+        raise NotImplementedError
+
+    def _failure(self, exc: Exception) -> tuple[str, str]:
+        """The last log line and the termination message of a build that failed with `exc`."""
+        raise NotImplementedError

@@ -23,12 +23,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from sandbox.aws import AwsSandbox
 from sandbox.builders import (
     OCI,
-    Pace,
     ContractError,
     Killed,
+    Pace,
+    SimulatedBuilder,
     docker_config_auths,
     dockerfile_instructions,
     final_stage_steps,
@@ -38,7 +38,7 @@ from sandbox.builders import (
     push_manifest,
     unpack,
 )
-from sandbox.kube import KubeEmulator, PodHandle
+from sandbox.kube import PodHandle
 
 ECR_CACHE_ATTRIBUTES = ("type=registry", "mode=max", "image-manifest=true", "oci-mediatypes=true")
 
@@ -122,44 +122,18 @@ class RawJsonProgress:
 
 
 @dataclass
-class SimulatedBuildKit:
-    """The BuildKit pod's behaviour. Tests steer builds by image repository: `build_seconds` is how
-    long the pod runs, spread over the steps (`sandbox.builders.Pace`), `failures` fails the first RUN step with that text, and `kills`
-    kills the container when the first RUN step has started, exit code 137 with that termination
-    reason (`OOMKilled`, or `Error` for a SIGKILL from elsewhere) and no metadata written."""
+class SimulatedBuildKit(SimulatedBuilder):
+    """The BuildKit pod's behaviour, steered as `SimulatedBuilder` says; `exported_caches` are the registry
+    caches its builds have written, which later builds import."""
 
-    emulator: KubeEmulator
-    aws: AwsSandbox
-    region: str = "us-west-2"
-    build_seconds: dict[str, float] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)
-    kills: dict[str, str] = field(default_factory=dict)
-    builds: list[dict] = field(default_factory=list)
     exported_caches: set[str] = field(default_factory=set)
 
-    def install(self) -> None:
-        self.emulator.on_pod(is_buildkit_pod, self.run)
+    recognises = staticmethod(is_buildkit_pod)
 
-    def run(self, handle: PodHandle) -> None:
-        handle.running()
-        started = time.monotonic()
-        try:
-            record = self._build(handle)
-        except Killed as exc:
-            handle.terminate(137, reason=exc.reason)
-            return
-        except ContractError as exc:
-            handle.log(f"error: failed to solve: {exc}")
-            handle.terminate(1, message=f"error: failed to solve: {exc}")
-            return
-        except Exception as exc:  # noqa: BLE001 - any surprise is a failed build, as in a real pod
-            handle.log(f"error: sandbox buildkit: {type(exc).__name__}: {exc}")
-            handle.terminate(1, message=f"error: {exc}")
-            return
-        record["started"], record["ended"] = started, time.monotonic()
-        record["seconds"] = record["ended"] - started
-        self.builds.append(record)
-        handle.terminate(0, message=json.dumps(record["metadata"]))
+    def _failure(self, exc: Exception) -> tuple[str, str]:
+        if isinstance(exc, ContractError):
+            return f"error: failed to solve: {exc}", f"error: failed to solve: {exc}"
+        return f"error: sandbox buildkit: {type(exc).__name__}: {exc}", f"error: {exc}"
 
     def _build(self, handle: PodHandle) -> dict:
         container = _single_container(handle.pod["spec"])
@@ -217,6 +191,7 @@ class SimulatedBuildKit:
         progress.step("exporting to image", output=f"pushing manifest for {names[0]}@{digest} done\n")
         if args.export_cache:
             self.exported_caches.add(args.export_cache.split("ref=")[1].split(",")[0])
+        metadata = {"containerimage.digest": digest, "image.name": ",".join(names)}
         return {
             "pod": handle.name,
             "context_url": args.opts["context"],
@@ -224,7 +199,8 @@ class SimulatedBuildKit:
             "opts": args.opts,
             "secrets": {id_: hashlib.sha256(value).hexdigest() for id_, value in secrets.items()},
             "cache_imported": cache_ready,
-            "metadata": {"containerimage.digest": digest, "image.name": ",".join(names)},
+            "metadata": metadata,
+            "termination_message": json.dumps(metadata),
         }
 
     def _mounted_registry_auth(self, handle: PodHandle, container: dict) -> dict[str, str]:

@@ -43,15 +43,15 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sandbox.aws import AwsSandbox
 from sandbox.builders import (
     DOCKER_V2,
     ContractError,
     Killed,
     Pace,
+    SimulatedBuilder,
     Step,
     docker_config_auths,
     dockerfile_instructions,
@@ -64,7 +64,7 @@ from sandbox.builders import (
     split_name,
     unpack,
 )
-from sandbox.kube import KubeEmulator, PodHandle
+from sandbox.kube import PodHandle
 
 BUILD_CONTEXT_DIR = "/kaniko/buildcontext"  # constants.BuildContextDir
 IMAGE_DOCKER_CONFIG = "/kaniko/.docker/"  # ENV DOCKER_CONFIG of the executor image
@@ -266,40 +266,15 @@ def _go_list(items: list[str]) -> str:
 
 
 @dataclass
-class SimulatedKaniko:
-    """The Kaniko executor pod's behaviour; see the module docstring. `builds` records each pushed image."""
+class SimulatedKaniko(SimulatedBuilder):
+    """The Kaniko executor pod's behaviour, steered as `SimulatedBuilder` says; see the module docstring."""
 
-    emulator: KubeEmulator
-    aws: AwsSandbox
-    region: str = "us-west-2"
-    build_seconds: dict[str, float] = field(default_factory=dict)
-    failures: dict[str, str] = field(default_factory=dict)
-    kills: dict[str, str] = field(default_factory=dict)
-    builds: list[dict] = field(default_factory=list)
+    recognises = staticmethod(is_kaniko_pod)
 
-    def install(self) -> None:
-        self.emulator.on_pod(is_kaniko_pod, self.run)
-
-    def run(self, handle: PodHandle) -> None:
-        handle.running()
-        started = time.monotonic()
-        try:
-            record = self._build(handle)
-        except Killed as exc:
-            handle.terminate(137, reason=exc.reason)
-            return
-        except (Exited, ContractError) as exc:
-            handle.log(str(exc))
-            handle.terminate(1)
-            return
-        except Exception as exc:  # noqa: BLE001 - any surprise is a failed build, as in a real pod
-            handle.log(f"sandbox kaniko: {type(exc).__name__}: {exc}")
-            handle.terminate(1)
-            return
-        record["started"], record["ended"] = started, time.monotonic()
-        record["seconds"] = record["ended"] - started
-        self.builds.append(record)
-        handle.terminate(0, message=record["termination_message"])
+    def _failure(self, exc: Exception) -> tuple[str, str]:
+        if isinstance(exc, (Exited, ContractError)):
+            return str(exc), ""
+        return f"sandbox kaniko: {type(exc).__name__}: {exc}", ""
 
     # ---------------------------------------------------------------- root.go PersistentPreRunE and Run
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -81,3 +82,26 @@ def jobs(sandbox, app: ExampleApp, component: str | None = None) -> list[dict]:
     """The build Jobs in the app's build namespace, of one component or all."""
     return [j for j in sandbox.kube.list("jobs", app.config.build.namespace)
             if component is None or j["metadata"]["labels"].get("buildkit-pipeline/component") == component]
+
+
+def fixture_log(path: Path) -> str:
+    """A saved build log without its `# ` header lines (where the text comes from)."""
+    lines = path.read_text().splitlines()
+    while lines and lines[0].startswith("# "):
+        lines.pop(0)
+    return "\n".join(lines) + "\n"
+
+
+def fixture_status(path: Path) -> dict:
+    """A saved Pod, Job and events, as `diagnose` takes them."""
+    data = json.loads(path.read_text())
+    return {"pod": data.get("pod"), "job": data.get("job"), "events": data.get("events")}
+
+
+def every_key(value) -> set[str]:
+    """Every mapping key anywhere in a manifest."""
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in every_key(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in every_key(v)}
+    return set()

@@ -7,12 +7,12 @@ only the sample text itself can match.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from flows.diagnose import NO_MATCH, SIGNATURES, diagnose, diagnose_file, explain_failure, status_lines
+from tests.conftest import fixture_log, fixture_status
 
 FIXTURES = Path(__file__).parent / "fixtures" / "buildkit"
 
@@ -50,16 +50,11 @@ STATUS_CASES = [
 
 
 def sample(name: str) -> str:
-    """A log fixture without its `# ` header."""
-    lines = (FIXTURES / name).read_text().splitlines()
-    while lines and lines[0].startswith("# "):
-        lines.pop(0)
-    return "\n".join(lines) + "\n"
+    return fixture_log(FIXTURES / name)
 
 
 def kube(name: str) -> dict:
-    data = json.loads((FIXTURES / name).read_text())
-    return {"pod": data.get("pod"), "job": data.get("job"), "events": data.get("events")}
+    return fixture_status(FIXTURES / name)
 
 
 def signature(name: str):

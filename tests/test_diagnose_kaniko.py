@@ -6,13 +6,13 @@ lines for logs, `_source` for status JSON); the header is dropped before matchin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from flows.diagnose import SIGNATURES, diagnose, diagnose_file, explain_failure
 from flows.kaniko_log import kaniko_plain
+from tests.conftest import fixture_log, fixture_status
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kaniko"
 ECR = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
@@ -71,16 +71,11 @@ CACHE_UPLOAD_WARNING = (
 
 
 def sample(name: str) -> str:
-    """A log fixture without its `# ` header."""
-    lines = (FIXTURES / name).read_text().splitlines()
-    while lines and lines[0].startswith("# "):
-        lines.pop(0)
-    return "\n".join(lines) + "\n"
+    return fixture_log(FIXTURES / name)
 
 
 def kube(name: str) -> dict:
-    data = json.loads((FIXTURES / name).read_text())
-    return {"pod": data.get("pod"), "job": data.get("job"), "events": data.get("events")}
+    return fixture_status(FIXTURES / name)
 
 
 def kaniko_error(log: str) -> str:

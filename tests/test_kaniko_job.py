@@ -11,6 +11,7 @@ from flows.build import BuildRequest, SecretFile, image_ref, job_name
 from flows.builders import job_manifest
 from flows.config import BuildSpec, ConfigError, parse_config
 from flows.package import PackagedContext
+from tests.conftest import every_key
 
 ARCHIVE = PackagedContext(path="/tmp/x.tar.gz", sha256="ab" * 32, bytes=10, files=1)
 REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents/weather-mcp"
@@ -36,14 +37,6 @@ def request(**overrides) -> BuildRequest:
 def container(job: dict) -> dict:
     [only] = job["spec"]["template"]["spec"]["containers"]
     return only
-
-
-def every_key(value) -> set[str]:
-    if isinstance(value, dict):
-        return set(value) | {k for v in value.values() for k in every_key(v)}
-    if isinstance(value, list):
-        return {k for v in value for k in every_key(v)}
-    return set()
 
 
 VARIANTS = {

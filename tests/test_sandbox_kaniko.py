@@ -31,7 +31,7 @@ from flows.registry_auth import RegistryToken, mint_ecr_token
 from flows.upload import upload_context
 from sandbox.example import commit_all
 from sandbox.faultproxy import FaultProxy
-from tests.conftest import ExampleApp
+from tests.conftest import ExampleApp, every_key
 
 MCP = "weather-mcp"
 REGISTRY = "123456789012.dkr.ecr.us-west-2.amazonaws.com"
@@ -149,14 +149,6 @@ def altered_job(monkeypatch):
             return job
         monkeypatch.setattr(flows.build_run, "job_manifest", manifest)
     return use
-
-
-def every_key(value) -> set[str]:
-    if isinstance(value, dict):
-        return set(value) | {k for v in value.values() for k in every_key(v)}
-    if isinstance(value, list):
-        return {k for v in value for k in every_key(v)}
-    return set()
 
 
 # ---------------------------------------------------------------- success
