@@ -68,7 +68,6 @@ class FlowRun:
     cpu_s: float
     peak_rss_mb: float
     components: dict
-    flow_s: float | None = None
 
 
 class FlowRunner:
@@ -99,8 +98,7 @@ class FlowRunner:
         run = json.loads(lines[-1])
         if not run["completed"]:
             raise RuntimeError(f"a benchmark run failed: {run['message']}; see {log}")
-        return FlowRun(run["wall_s"], usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, run["components"],
-                       run.get("flow_s"))
+        return FlowRun(run["wall_s"], usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, run["components"])
 
 
 def ideal_critical_path(config: PipelineConfig, build_seconds: dict[str, float], rollout: float) -> float:

@@ -33,10 +33,9 @@ def main() -> None:
     ))
     wall = time.perf_counter() - started
     result = state.result(raise_on_failure=False)
-    components = {c.name: {"outcome": c.outcome, "seconds": c.seconds, "spans": c.spans}
-                  for c in getattr(result, "components", [])}
+    components = {c.name: {"outcome": c.outcome, "seconds": c.seconds} for c in getattr(result, "components", [])}
     print(json.dumps({"wall_s": wall, "completed": state.is_completed(), "message": state.message,
-                      "flow_s": getattr(result, "seconds", {}).get("total"), "components": components}))
+                      "components": components}))
 
 
 if __name__ == "__main__":

@@ -133,8 +133,3 @@ def presign(credentials: AwsCredentials, stored: StoredContext, ttl_seconds: int
     expires_at = datetime.now(timezone.utc) + timedelta(seconds=ttl_seconds)
     return UploadedContext(**stored.model_dump(), url=SecretStr(url), expires_at=expires_at)
 
-
-def upload_context(archive: PackagedContext, *, credentials: AwsCredentials, bucket: str, prefix: str,
-                   component: str, ttl_seconds: int) -> UploadedContext:
-    stored = store_context(archive, credentials=credentials, bucket=bucket, prefix=prefix, component=component)
-    return presign(credentials, stored, ttl_seconds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import boto3
@@ -20,6 +21,7 @@ class AwsSandbox:
 
     def start(self) -> None:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        _ecr_image_sizes_from_layers()
         self._server.start()
         host, port = self._server.get_host_and_port()
         self.url = f"http://{host}:{port}"
@@ -64,3 +66,19 @@ def sandbox_credentials(url: str, region: str) -> AwsCredentials:
         region_name=region,
         aws_client_parameters=AwsClientParameters(endpoint_url=url),
     )
+
+
+def _layers_total(image) -> int | None:
+    manifest = json.loads(image.image_manifest)
+    return sum(layer["size"] for layer in manifest["layers"]) if "layers" in manifest else None
+
+
+def _ecr_image_sizes_from_layers() -> None:
+    """Make moto's `imageSizeInBytes` ECR's: the sum of the pushed compressed layers (the DescribeImages docs).
+
+    moto 5 answers with the manifest's `config.size` instead, which would make the size a few hundred bytes. The
+    moto server runs in this process (ThreadedMotoServer), so patching its model is enough.
+    """
+    from moto.ecr.models import Image
+
+    Image.get_image_size_in_bytes = _layers_total

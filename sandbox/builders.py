@@ -234,22 +234,6 @@ def push_manifest(aws: AwsSandbox, region: str, name: str, manifest: str, digest
     return True
 
 
-def _layers_total(image) -> int | None:
-    manifest = json.loads(image.image_manifest)
-    return sum(layer["size"] for layer in manifest["layers"]) if "layers" in manifest else None
-
-
-def ecr_image_sizes_from_layers() -> None:
-    """Make moto's `imageSizeInBytes` ECR's: the sum of the pushed compressed layers (the DescribeImages docs).
-
-    moto 5 answers with the manifest's `config.size` instead, which would make the size a few hundred bytes. The
-    moto server runs in this process (ThreadedMotoServer), so patching its model is enough.
-    """
-    from moto.ecr.models import Image
-
-    Image.get_image_size_in_bytes = _layers_total
-
-
 class Pace:
     """A build's simulated seconds spread over its steps, so that the pod's whole run takes that long.
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from flows.config import PipelineConfig
 from sandbox.aws import AwsSandbox
-from sandbox.builders import ecr_image_sizes_from_layers
 from sandbox.buildkit import SimulatedBuildKit
 from sandbox.kaniko import SimulatedKaniko
 from sandbox.kube import KubeEmulator
@@ -31,7 +30,6 @@ class Sandbox:
     def start(self) -> Sandbox:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.aws.start()
-        ecr_image_sizes_from_layers()
         self.kube.start()
         self.kube.write_kubeconfig(self.kubeconfig)
         self.install_builders()

@@ -10,33 +10,22 @@ import pytest
 from flows.build import BuildRequest, SecretFile, image_ref, job_name
 from flows.builders import job_manifest
 from flows.config import BuildSpec, ConfigError, parse_config
-from flows.package import PackagedContext
 from tests.conftest import every_key
+from tests.test_build_job import ARCHIVE, REPOSITORY, container
+from tests.test_build_job import request as buildkit_request
 
-ARCHIVE = PackagedContext(path="/tmp/x.tar.gz", sha256="ab" * 32, bytes=10, files=1)
-REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents/weather-mcp"
-URL = "https://bucket.s3.amazonaws.com/build/x.tar.gz?X-Amz-Signature=abc"
+URL = buildkit_request().context_url
 
 
 def request(**overrides) -> BuildRequest:
+    """The BuildKit tests' request, for Kaniko: its Job name, and `latest` among the tags."""
     fields = dict(
         name="kn-weather-mcp-abababab-12345678",
         builder="kaniko",
-        settings=BuildSpec(),
-        context_url=URL,
-        archive=ARCHIVE,
         image=image_ref(REPOSITORY, "c" * 40, ARCHIVE.sha256, latest=True),
         registry_secret="kn-weather-mcp-abababab-12345678-registry",
-        cache_repository=REPOSITORY,
-        labels={"buildkit-pipeline/component": "weather-mcp"},
-        image_labels={"org.opencontainers.image.revision": "c" * 40},
     )
-    return BuildRequest(**{**fields, **overrides})
-
-
-def container(job: dict) -> dict:
-    [only] = job["spec"]["template"]["spec"]["containers"]
-    return only
+    return buildkit_request(**{**fields, **overrides})
 
 
 VARIANTS = {

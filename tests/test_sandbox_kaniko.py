@@ -28,7 +28,7 @@ from flows.kaniko import kaniko_job_manifest
 from flows.kube import kube_api
 from flows.plan import package_component, plan_component, prepare_source
 from flows.registry_auth import RegistryToken, mint_ecr_token
-from flows.upload import upload_context
+from flows.upload import presign, store_context
 from sandbox.example import commit_all
 from sandbox.faultproxy import FaultProxy
 from tests.conftest import ExampleApp, every_key
@@ -94,8 +94,10 @@ def kaniko_request(app: ExampleApp, *, context_url: str | None = None, builder: 
     config, source = prepare_source(app.pipeline_file)
     component = config.component(MCP)
     archive = package_component(config, component, source)
-    uploaded = upload_context(archive, credentials=app.flow_kwargs["aws_credentials"], bucket=config.aws.bucket,
-                              prefix=config.aws.prefix, component=MCP, ttl_seconds=config.aws.presign_ttl_seconds)
+    credentials = app.flow_kwargs["aws_credentials"]
+    stored = store_context(archive, credentials=credentials, bucket=config.aws.bucket, prefix=config.aws.prefix,
+                           component=MCP)
+    uploaded = presign(credentials, stored, config.aws.presign_ttl_seconds)
     plan = plan_component(config, component, source, archive, run_id=str(uuid.uuid4()), builder=builder,
                           context_url=context_url or uploaded.url.get_secret_value())
     return plan.request
