@@ -20,11 +20,12 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from prefect.concurrency.asyncio import concurrency
+from kubernetes_asyncio import client
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from flows.config import ReleaseSpec
-from flows.limits import ensure_limit
+from flows.kube import with_retries
+from flows.limits import ensure_limit, held_slot
 from flows.rollout import (
     PodProblemRecorder,
     RolloutFailed,
@@ -164,6 +165,9 @@ def release_lock_name(release: ReleaseSpec) -> str:
     return f"helm-release-{release.namespace}-{release.name}"
 
 
+HELM_STORAGE_KINDS = {"secret": "secrets", "secrets": "secrets", "configmap": "configmaps", "configmaps": "configmaps"}
+
+
 class Helm:
     """The helm CLI for one release, with the flags every call needs."""
 
@@ -181,6 +185,22 @@ class Helm:
                 return None
             raise
         return status["version"]
+
+    async def stored_revision(self, api: client.ApiClient) -> int | None:
+        """What `revision()` says, read from helm's storage objects with one API request instead of a helm process.
+
+        helm keeps every revision as a Secret (or, with HELM_DRIVER=configmap, a
+        ConfigMap) labelled `owner=helm,name=<release>,version=<n>`; other
+        drivers are asked through `helm status`.
+        """
+        kind = HELM_STORAGE_KINDS.get(os.environ.get("HELM_DRIVER", "secret").lower() or "secret")
+        if kind is None:
+            return await self.revision()
+        core = client.CoreV1Api(api)
+        lister = core.list_namespaced_secret if kind == "secrets" else core.list_namespaced_config_map
+        stored = await with_retries(lambda: lister(self.release.namespace,
+                                                   label_selector=f"owner=helm,name={self.release.name}"))
+        return max((int(item.metadata.labels["version"]) for item in stored.items), default=None)
 
     async def template(self, argv: list[str]) -> str:
         """The manifest an upgrade with these arguments would apply."""
@@ -211,7 +231,12 @@ async def upgrade_release(
     kubeconfig: str | None,
     secret_values: dict[str, SecretStr] | None = None,
 ) -> DeployedRelease:
-    """Upgrade (or install) the release, verify its rollout, and leave the previous revision running on failure."""
+    """Upgrade (or install) the release, verify its rollout, and leave the previous revision running on failure.
+
+    The Deployments to verify are those of the manifest helm applied (`--output
+    json`); Pod problems are recorded in the release's namespace from before the
+    upgrade starts, and on failure reported for the Deployments the chart renders.
+    """
     helm = Helm(release, helm_binary(), kubeconfig)
     version = await helm_version(helm.binary)
     lock = release_lock_name(release)
@@ -220,25 +245,24 @@ async def upgrade_release(
         argv = helm_upgrade_argv(release, repo_root=repo_root, image_repository=image_repository,
                                  image_tag=image_tag, helm=helm.binary, helm_version=version,
                                  kubeconfig=kubeconfig, secret_values_file=values_file)
-        rendering = asyncio.ensure_future(helm.template(argv))
-        try:
-            async with concurrency(lock, occupy=1, lease_duration=release.timeout_seconds + 120):
-                previous, rendered = await asyncio.gather(helm.revision(), rendering)
-                deployments = manifest_deployments(rendered, release.namespace)
-                async with PodProblemRecorder(api, deployments) as problems:
-                    try:
-                        upgraded = json.loads(await run_helm(argv, release.timeout_seconds + 60))
-                        await verify_rollout(api, deployments, release.timeout_seconds)
-                    except (DeployFailed, RolloutFailed) as exc:
-                        if isinstance(exc, RolloutFailed):
-                            await helm.restore(previous)
-                        current = await helm.revision()
-                        raise DeployFailed(
-                            _failure_message(release, exc, previous, current, problems.describe())) from None
-        finally:
-            rendering.cancel()
-        revision = upgraded["version"]
-    return DeployedRelease(name=release.name, namespace=release.namespace, revision=revision,
+        async with held_slot(lock, lease_seconds=release.timeout_seconds + 120):
+            previous = await helm.stored_revision(api)
+            async with PodProblemRecorder(api, release.namespace) as problems:
+                deployments = None
+                try:
+                    upgraded = json.loads(await run_helm(argv, release.timeout_seconds + 60))
+                    deployments = manifest_deployments(upgraded.get("manifest", ""), release.namespace)
+                    await verify_rollout(api, deployments, release.timeout_seconds)
+                except (DeployFailed, RolloutFailed) as exc:
+                    if isinstance(exc, RolloutFailed):
+                        await helm.restore(previous)
+                    elif deployments is None:
+                        with contextlib.suppress(DeployFailed):
+                            deployments = manifest_deployments(await helm.template(argv), release.namespace)
+                    current = await helm.revision()
+                    raise DeployFailed(_failure_message(
+                        release, exc, previous, current, problems.describe(deployments))) from None
+    return DeployedRelease(name=release.name, namespace=release.namespace, revision=upgraded["version"],
                            image=f"{image_repository}:{image_tag}")
 
 

@@ -24,7 +24,6 @@ from typing import Annotated, AsyncIterator, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
-from prefect.concurrency.asyncio import concurrency
 from prefect.events import emit_event
 from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import deployment, flow_run
@@ -39,8 +38,9 @@ from flows.builders import log_reader
 from flows.config import Builder, ComponentSpec, ConfigError, PipelineConfig, load_config
 from flows.deploy import DeployedRelease
 from flows.diagnose import explain_failure
+from flows.aws import aws_client
 from flows.kube import kube_api
-from flows.limits import ensure_limit, previous_table
+from flows.limits import ensure_limit, held_slot, previous_table
 from flows.package import PackagedContext
 from flows.plan import plan_component, select
 from flows.progress import step_table
@@ -208,16 +208,21 @@ class Run:
         async with contextlib.AsyncExitStack() as held:
             with timed(result, "queue"):
                 await held.enter_async_context(self.build_slots)
-                await held.enter_async_context(concurrency(BUILDKIT_LIMIT, occupy=1, lease_duration=600))
+                await held.enter_async_context(held_slot(BUILDKIT_LIMIT, lease_seconds=600))
             yield
 
     async def registry_token(self) -> RegistryToken:
         """One ECR token for the run's builds, minted again when it could expire before a build's deadline."""
+        if self._token_lasts():
+            return self.token
         async with self.token_lock:
-            deadline = datetime.now(timezone.utc) + timedelta(seconds=self.config.build.timeout_seconds + 600)
-            if self.token is None or self.token.expires_at < deadline:
+            if not self._token_lasts():
                 self.token = await tasks.mint_registry_token(self.credentials, self.config.registry)
             return self.token
+
+    def _token_lasts(self) -> bool:
+        deadline = datetime.now(timezone.utc) + timedelta(seconds=self.config.build.timeout_seconds + 600)
+        return self.token is not None and self.token.expires_at >= deadline
 
     async def _store_and_authenticate(self, component: ComponentSpec, result: ComponentResult):
         async def store() -> StoredContext:
@@ -325,10 +330,13 @@ def release_order(config: PipelineConfig) -> dict[str, list[str]]:
     return {c.name: [owners[r] for r in (c.release.after if c.release else [])] for c in config.components}
 
 
-async def report(result: PipelineResult, config: PipelineConfig) -> None:
+def timing_key() -> str:
+    return f"build-and-deploy-timing-{deployment.name}" if deployment.name else "build-and-deploy-timing"
+
+
+async def report(result: PipelineResult, config: PipelineConfig, previous: list[dict] | None) -> None:
     """Timing table and critical-path chart as artifacts, compared with the previous run of this deployment."""
-    key = f"build-and-deploy-timing-{deployment.name}" if deployment.name else "build-and-deploy-timing"
-    previous = await previous_table(key)
+    key = timing_key()
     await asyncio.gather(
         acreate_table_artifact(key=key, table=timing_rows(result),
                                description=f"Seconds per component and stage, commit {result.commit[:12]}"),
@@ -369,24 +377,28 @@ async def build_and_deploy(
     """Build every selected component with BuildKit in the cluster and roll out its helm release."""
     started = time.perf_counter()
     RUN_STARTED.set(started)
-    pipeline, source = await tasks.prepare_source(Path(config), ref)
+    (pipeline, source), previous_timing = await asyncio.gather(tasks.prepare_source(Path(config), ref),
+                                                              previous_table(timing_key()))
     selected = select(pipeline, components)
     results = {c.name: ComponentResult(name=c.name) for c in selected}
-    archives = await package_all(pipeline, selected, source, results)
     if dry_run:
+        await package_all(pipeline, selected, source, results)
         for component in selected:
             results[component.name].outcome = "planned"
     else:
-        await ensure_limit(BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT)
         async with connection(target, aws_credentials, kubeconfig, pipeline) as connected:
             async with kube_api(connected.kubeconfig) as api:
+                archives, _ = await asyncio.gather(
+                    package_all(pipeline, selected, source, results),
+                    asyncio.to_thread(aws_client, connected.credentials, "s3"))
+                await ensure_limit(BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT)
                 run = Run(pipeline, source, archives, results, connected.credentials, api, connected.kubeconfig,
                           connected.bucket, skip_unchanged, no_cache, asyncio.Semaphore(max_parallel_builds),
                           finished={c.name: asyncio.Event() for c in selected})
                 await asyncio.gather(*(run.component(c, deploy) for c in selected))
     result = PipelineResult(commit=source.commit, ref=source.ref, components=list(results.values()),
                             seconds={"total": round(time.perf_counter() - started, 3)})
-    await report(result, pipeline)
+    await report(result, pipeline, previous_timing)
     if failed := result.failed:
         raise PipelineFailed("; ".join(f"{c.name}: {c.error}" for c in failed))
     return result

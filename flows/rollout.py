@@ -82,12 +82,12 @@ async def _wait_for_change(api: client.ApiClient, namespace: str, name: str, dea
             return
 
 
-def _owned_by_deployment(pod: dict, deployments: set[str]) -> bool:
+def owning_deployment(pod: dict) -> str | None:
     """Pods belong to a Deployment through a ReplicaSet named `<deployment>-<template hash>`."""
     for owner in pod["metadata"].get("ownerReferences") or []:
-        if owner.get("kind") == "ReplicaSet" and owner["name"].rsplit("-", 1)[0] in deployments:
-            return True
-    return False
+        if owner.get("kind") == "ReplicaSet":
+            return owner["name"].rsplit("-", 1)[0]
+    return None
 
 
 def container_problems(pod: dict) -> list[str]:
@@ -104,18 +104,22 @@ def container_problems(pod: dict) -> list[str]:
 
 
 class PodProblemRecorder:
-    """Watches a release's Pods while helm waits and keeps what went wrong with each."""
+    """Watches the Deployment Pods of a release's namespace while helm waits and keeps what went wrong with each.
 
-    def __init__(self, api: client.ApiClient, deployments: list[tuple[str, str]]) -> None:
+    It starts before helm knows which Deployments the upgrade applies, so it keeps
+    every Deployment's Pods and `describe` picks those of the release.
+    """
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
         self._api = api
-        self._deployments = deployments
+        self._namespace = namespace
         self.problems: dict[str, list[str]] = {}
         self.crash_logs: dict[str, str] = {}
+        self._owners: dict[str, str] = {}
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> PodProblemRecorder:
-        namespaces = {namespace for namespace, _ in self._deployments}
-        self._task = asyncio.gather(*(self._watch(namespace) for namespace in namespaces))
+        self._task = asyncio.ensure_future(self._watch())
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -123,35 +127,38 @@ class PodProblemRecorder:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
-    async def _watch(self, namespace: str) -> None:
-        names = {name for ns, name in self._deployments if ns == namespace}
+    async def _watch(self) -> None:
         core = client.CoreV1Api(self._api)
         while True:
             try:
                 async with Watch(self._api) as stream:
-                    async for event in stream.stream(core.list_namespaced_pod, namespace, timeout_seconds=60):
+                    async for event in stream.stream(core.list_namespaced_pod, self._namespace, timeout_seconds=60):
                         pod = as_dict(self._api, event["object"])
-                        if _owned_by_deployment(pod, names):
-                            await self._record(core, namespace, pod)
+                        if owner := owning_deployment(pod):
+                            await self._record(core, pod, owner)
             except ApiException:
                 await asyncio.sleep(1)
 
-    async def _record(self, core: client.CoreV1Api, namespace: str, pod: dict) -> None:
+    async def _record(self, core: client.CoreV1Api, pod: dict, owner: str) -> None:
         name = pod["metadata"]["name"]
         problems = container_problems(pod)
         if not problems:
             return
-        self.problems[name] = problems
+        self.problems[name], self._owners[name] = problems, owner
         if any("CrashLoopBackOff" in p for p in problems) and name not in self.crash_logs:
             try:
                 self.crash_logs[name] = await core.read_namespaced_pod_log(
-                    name, namespace, tail_lines=CRASH_LOG_LINES, previous=True)
+                    name, self._namespace, tail_lines=CRASH_LOG_LINES, previous=True)
             except ApiException:
                 self.crash_logs[name] = ""
 
-    def describe(self) -> str:
-        lines = [f"{pod}: {'; '.join(problems)}" for pod, problems in sorted(self.problems.items())]
-        for pod, log in sorted(self.crash_logs.items()):
-            if log.strip():
-                lines.append(f"--- last log lines of {pod} ---\n{log.rstrip()}")
+    def describe(self, deployments: list[tuple[str, str]] | None) -> str:
+        """The problems of the Pods of these Deployments; of every Deployment's Pods when they are not known."""
+        names = None if deployments is None else {name for namespace, name in deployments
+                                                  if namespace == self._namespace}
+        pods = sorted(pod for pod, owner in self._owners.items() if names is None or owner in names)
+        lines = [f"{pod}: {'; '.join(self.problems[pod])}" for pod in pods]
+        for pod in pods:
+            if self.crash_logs.get(pod, "").strip():
+                lines.append(f"--- last log lines of {pod} ---\n{self.crash_logs[pod].rstrip()}")
         return "\n".join(lines)
