@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 import random
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 from uuid import UUID
 
 import httpx

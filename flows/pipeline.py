@@ -386,16 +386,16 @@ async def build_and_deploy(
         for component in selected:
             results[component.name].outcome = "planned"
     else:
-        async with connection(target, aws_credentials, kubeconfig, pipeline) as connected:
-            async with kube_api(connected.kubeconfig) as api:
-                archives, _ = await asyncio.gather(
-                    package_all(pipeline, selected, source, results),
-                    asyncio.to_thread(aws_client, connected.credentials, "s3"))
-                await ensure_limit(BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT)
-                run = Run(pipeline, source, archives, results, connected.credentials, api, connected.kubeconfig,
-                          connected.bucket, skip_unchanged, no_cache, asyncio.Semaphore(max_parallel_builds),
-                          finished={c.name: asyncio.Event() for c in selected})
-                await asyncio.gather(*(run.component(c, deploy) for c in selected))
+        async with (connection(target, aws_credentials, kubeconfig, pipeline) as connected,
+                    kube_api(connected.kubeconfig) as api):
+            archives, _ = await asyncio.gather(
+                package_all(pipeline, selected, source, results),
+                asyncio.to_thread(aws_client, connected.credentials, "s3"))
+            await ensure_limit(BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT)
+            run = Run(pipeline, source, archives, results, connected.credentials, api, connected.kubeconfig,
+                      connected.bucket, skip_unchanged, no_cache, asyncio.Semaphore(max_parallel_builds),
+                      finished={c.name: asyncio.Event() for c in selected})
+            await asyncio.gather(*(run.component(c, deploy) for c in selected))
     result = PipelineResult(commit=source.commit, ref=source.ref, components=list(results.values()),
                             seconds={"total": round(time.perf_counter() - started, 3)})
     await report(result, pipeline, previous_timing)
