@@ -21,6 +21,9 @@ Python's start-up is left out; peak RSS is that process's (`wait4`).
      the ideal is the longest chain of simulated build and rollout times along
      `after:` (here travel-agent: 6.95 + 1 = 7.95 s): what a run with zero
      overhead would take.
+   - `parallel_outside_stages_s`: of a parallel run's wall time, what is not
+     the flow's stages (from the flow function's start to its result): Prefect
+     starting and ending the flow run, and the timing artifacts at the end.
    - `parallel_speedup` = median serial wall / median parallel wall.
 2. `noop_rebuild_jobs`, `noop_rebuild_wall_s`: a run with skip_unchanged on the
    same commit: Jobs created (from the emulator's request log) and its wall time.
@@ -65,6 +68,7 @@ SCALE_COMPONENTS, SCALE_SMALL, SCALE_PARALLEL, SCALE_BUILD_SECONDS = 50, 5, 10, 
 @dataclass
 class FlowRun:
     wall_s: float
+    stages_s: float | None
     cpu_s: float
     peak_rss_mb: float
     components: dict
@@ -98,7 +102,7 @@ class FlowRunner:
         run = json.loads(lines[-1])
         if not run["completed"]:
             raise RuntimeError(f"a benchmark run failed: {run['message']}; see {log}")
-        return FlowRun(run["wall_s"], usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, run["components"])
+        return FlowRun(run["wall_s"], run["stages_s"], usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, run["components"])
 
 
 def ideal_critical_path(config: PipelineConfig, build_seconds: dict[str, float], rollout: float) -> float:
@@ -177,6 +181,7 @@ def three_components(run: FlowRunner, app: Path, rounds: int, suffix: str = "") 
         max(c["seconds"].get("queue", 0) for c in r.components.values()) for r in parallel))
     figure(f"serial_wall_s{suffix}", statistics.median(serial))
     figure(f"critical_path_ratio{suffix}", parallel_wall / ideal)
+    figure(f"parallel_outside_stages_s{suffix}", statistics.median(r.wall_s - r.stages_s for r in parallel))
     figure(f"parallel_speedup{suffix}", statistics.median(serial) / parallel_wall)
 
 

@@ -34,8 +34,9 @@ def main() -> None:
     wall = time.perf_counter() - started
     result = state.result(raise_on_failure=False)
     components = {c.name: {"outcome": c.outcome, "seconds": c.seconds} for c in getattr(result, "components", [])}
-    print(json.dumps({"wall_s": wall, "completed": state.is_completed(), "message": state.message,
-                      "components": components}))
+    stages = getattr(result, "seconds", {}).get("total")
+    print(json.dumps({"wall_s": wall, "stages_s": stages, "completed": state.is_completed(),
+                      "message": state.message, "components": components}))
 
 
 if __name__ == "__main__":
