@@ -32,13 +32,13 @@ from pydantic import BaseModel, Field
 
 from blocks.target import BuildKitPipelineTarget
 from flows import tasks
+from flows.aws import aws_client
 from flows.build import BuiltImage
 from flows.build_run import delete_run_objects
 from flows.builders import log_reader
 from flows.config import Builder, ComponentSpec, ConfigError, PipelineConfig, load_config
 from flows.deploy import DeployedRelease
 from flows.diagnose import explain_failure
-from flows.aws import aws_client
 from flows.kube import kube_api
 from flows.limits import ensure_limit, held_slot, previous_table
 from flows.package import PackagedContext
