@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from flows.progress import BuildStep
+from flows.progress import BuildStep, elapsed
 from flows.secrecy import withhold_presigned_query
 
 INSTRUCTIONS = (
@@ -114,9 +114,7 @@ class _Step:
     error: str | None = None
 
     def seconds(self) -> float | None:
-        if self.started is None or self.completed is None:
-            return None
-        return max((self.completed - self.started).total_seconds(), 0.0)
+        return elapsed(self.started, self.completed)
 
 
 class KanikoLog:

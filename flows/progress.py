@@ -41,6 +41,13 @@ class BuildStep(BaseModel):
     completed: datetime | None
 
 
+def elapsed(started: datetime | None, completed: datetime | None) -> float | None:
+    """A step's seconds, when both ends are known (never negative: clocks in logs can disagree)."""
+    if started is None or completed is None:
+        return None
+    return max((completed - started).total_seconds(), 0.0)
+
+
 @dataclass
 class _Vertex:
     index: int
@@ -55,9 +62,7 @@ class _Vertex:
     statuses_done: set[str] = field(default_factory=set)
 
     def seconds(self) -> float | None:
-        if self.started is None or self.completed is None:
-            return None
-        return max((self.completed - self.started).total_seconds(), 0.0)
+        return elapsed(self.started, self.completed)
 
 
 class ProgressTracker:

@@ -113,9 +113,8 @@ class PodProblemRecorder:
     def __init__(self, api: client.ApiClient, namespace: str) -> None:
         self._api = api
         self._namespace = namespace
-        self.problems: dict[str, list[str]] = {}
-        self.crash_logs: dict[str, str] = {}
-        self._owners: dict[str, str] = {}
+        self._problems: dict[str, tuple[str, list[str]]] = {}
+        self._crash_logs: dict[str, str] = {}
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> PodProblemRecorder:
@@ -144,21 +143,21 @@ class PodProblemRecorder:
         problems = container_problems(pod)
         if not problems:
             return
-        self.problems[name], self._owners[name] = problems, owner
-        if any("CrashLoopBackOff" in p for p in problems) and name not in self.crash_logs:
+        self._problems[name] = owner, problems
+        if any("CrashLoopBackOff" in p for p in problems) and name not in self._crash_logs:
             try:
-                self.crash_logs[name] = await core.read_namespaced_pod_log(
+                self._crash_logs[name] = await core.read_namespaced_pod_log(
                     name, self._namespace, tail_lines=CRASH_LOG_LINES, previous=True)
             except ApiException:
-                self.crash_logs[name] = ""
+                self._crash_logs[name] = ""
 
     def describe(self, deployments: list[tuple[str, str]] | None) -> str:
         """The problems of the Pods of these Deployments; of every Deployment's Pods when they are not known."""
         names = None if deployments is None else {name for namespace, name in deployments
                                                   if namespace == self._namespace}
-        pods = sorted(pod for pod, owner in self._owners.items() if names is None or owner in names)
-        lines = [f"{pod}: {'; '.join(self.problems[pod])}" for pod in pods]
+        pods = sorted(pod for pod, (owner, _) in self._problems.items() if names is None or owner in names)
+        lines = [f"{pod}: {'; '.join(self._problems[pod][1])}" for pod in pods]
         for pod in pods:
-            if self.crash_logs.get(pod, "").strip():
-                lines.append(f"--- last log lines of {pod} ---\n{self.crash_logs[pod].rstrip()}")
+            if self._crash_logs.get(pod, "").strip():
+                lines.append(f"--- last log lines of {pod} ---\n{self._crash_logs[pod].rstrip()}")
         return "\n".join(lines)
