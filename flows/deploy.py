@@ -245,11 +245,15 @@ async def upgrade_release(
         argv = helm_upgrade_argv(release, repo_root=repo_root, image_repository=image_repository,
                                  image_tag=image_tag, helm=helm.binary, helm_version=version,
                                  kubeconfig=kubeconfig, secret_values_file=values_file)
-        async with held_slot(lock, lease_seconds=release.timeout_seconds + 120):
+        async with held_slot(lock, lease_seconds=release.timeout_seconds + 120,
+                             timeout=3 * (release.timeout_seconds + 120),
+                             when_lost="helm is not started once the lock is lost; a helm already running is left "
+                                       "to finish, since stopping it would leave the release pending") as held:
             previous = await helm.stored_revision(api)
             async with PodProblemRecorder(api, release.namespace) as problems:
                 deployments = None
                 try:
+                    held.ensure_held()
                     upgraded = json.loads(await run_helm(argv, release.timeout_seconds + 60))
                     deployments = manifest_deployments(upgraded.get("manifest", ""), release.namespace)
                     await verify_rollout(api, deployments, release.timeout_seconds)

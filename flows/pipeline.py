@@ -208,7 +208,9 @@ class Run:
         async with contextlib.AsyncExitStack() as held:
             with timed(result, "queue"):
                 await held.enter_async_context(self.build_slots)
-                await held.enter_async_context(held_slot(BUILDKIT_LIMIT, lease_seconds=600))
+                await held.enter_async_context(held_slot(
+                    BUILDKIT_LIMIT, lease_seconds=600, timeout=3 * self.config.build.timeout_seconds,
+                    when_lost="A build already running goes on; its Job's activeDeadlineSeconds still bounds it"))
             yield
 
     async def registry_token(self) -> RegistryToken:
