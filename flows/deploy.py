@@ -247,8 +247,10 @@ async def upgrade_release(
                                  kubeconfig=kubeconfig, secret_values_file=values_file)
         async with held_slot(lock, lease_seconds=release.timeout_seconds + 120,
                              timeout=3 * (release.timeout_seconds + 120),
+                             # helm/helm pkg/action/upgrade.go (v4): a helm killed midway leaves the release
+                             # pending-upgrade, and every later upgrade then fails with errPending
                              when_lost="helm is not started once the lock is lost; a helm already running is left "
-                                       "to finish, since stopping it would leave the release pending") as held:
+                                       "to finish") as held:
             previous = await helm.stored_revision(api)
             async with PodProblemRecorder(api, release.namespace) as problems:
                 deployments = None

@@ -223,13 +223,13 @@ async def _describe_holders(prefect: PrefectClient, name: str, waited: float) ->
         held.append(f"{who} since {record.get('since')}")
     text = (f"no slot of the global concurrency limit {name!r} came free in {waited:.0f} s: "
             f"{limit.active_slots} of {limit.limit} taken")
-    text += f", by {'; '.join(held)}" if held else ""
+    if held:
+        text += f", by {'; '.join(held)}. Wait for them, or cancel their flow runs"
     unknown = limit.active_slots - len(held)
     if unknown > 0:
         text += (f". {unknown} of them held by no run on record: most likely leaked by a Prefect server restart "
-                 f"with in-memory lease storage (the count is kept in the database, the leases are not)")
-    text += (f". Wait for the holders, or cancel them; once no run holds a slot, free the leaked ones with "
-             f"`prefect gcl update {name} --active-slots {max(0, min(len(held), limit.active_slots))}`")
+                 f"with in-memory lease storage (the count is kept in the database, the leases are not); free "
+                 f"them with `prefect gcl update {name} --active-slots {len(held)}`")
     return text
 
 

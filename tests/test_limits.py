@@ -84,32 +84,59 @@ def test_a_name_without_a_limit_holds_nothing_and_does_not_fail(prefect_server):
 
 def test_the_lease_is_renewed_while_held_and_a_lost_lease_is_reported(prefect_server, monkeypatch, caplog):
     """Renewed every 0.3 s here (instead of every 45 s of a 60 s lease): no complaint while the lease is valid;
-    once the server no longer has it, the holder says so."""
+    once the server no longer has it (410), the holder says so once, stops renewing, and `ensure_held` refuses."""
     monkeypatch.setattr(limits, "RENEW_AFTER", 0.005)
-    leases = []
-    increment = PrefectClient.increment_concurrency_slots_with_lease
+    renewals = []
+    renew = PrefectClient.renew_concurrency_lease
 
-    async def recording_increment(self, *args, **kwargs):
-        response = await increment(self, *args, **kwargs)
-        leases.append(response.json()["lease_id"])
-        return response
+    async def counting_renew(self, *args, **kwargs):
+        renewals.append(time.monotonic())
+        return await renew(self, *args, **kwargs)
 
-    monkeypatch.setattr(PrefectClient, "increment_concurrency_slots_with_lease", recording_increment)
+    monkeypatch.setattr(PrefectClient, "renew_concurrency_lease", counting_renew)
 
     def complaints() -> list[str]:
-        return [r.getMessage() for r in caplog.records if "could not renew" in r.getMessage()]
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
     async def scenario():
         await ensure_limit("test-renewed", 1)
-        async with held_slot("test-renewed", lease_seconds=60):
+        async with held_slot("test-renewed", lease_seconds=60, when_lost="Stopping here") as slot:
             await asyncio.sleep(1.0)
             while_valid = complaints()
+            slot.ensure_held()
             async with get_client() as prefect:
-                await prefect.release_concurrency_slots_with_lease(leases[0])
+                await prefect.release_concurrency_slots_with_lease(slot.lease)
             await asyncio.sleep(1.0)
-        return while_valid
+            renewed_when_lost = len(renewals)
+            await asyncio.sleep(1.0)
+            with pytest.raises(limits.LeaseLost):
+                slot.ensure_held()
+        return while_valid, renewed_when_lost
 
     with caplog.at_level(logging.WARNING):
-        while_valid = asyncio.run(scenario())
+        while_valid, renewed_when_lost = asyncio.run(scenario())
     assert while_valid == []
-    assert complaints() and "'test-renewed'" in complaints()[0]
+    assert [r.levelname for r in caplog.records if r.levelno >= logging.WARNING] == ["ERROR"]
+    assert "lost the slot of the global concurrency limit 'test-renewed'" in complaints()[0]
+    assert "answered HTTP 410" in complaints()[0] and complaints()[0].endswith("Stopping here")
+    assert len(renewals) == renewed_when_lost
+
+
+def test_an_acquisition_that_times_out_names_the_holder_and_what_to_do(prefect_server):
+    async def scenario():
+        await ensure_limit("test-timeout", 1)
+        async with held_slot("test-timeout", lease_seconds=60):
+            started = time.monotonic()
+            with pytest.raises(limits.SlotTimeout) as timed_out:
+                async with held_slot("test-timeout", lease_seconds=60, timeout=1.5):
+                    pass
+            waited = time.monotonic() - started
+        return str(timed_out.value), waited, await active_slots("test-timeout")
+
+    message, waited, after = asyncio.run(scenario())
+    assert 1.5 <= waited < 5
+    assert message.startswith("no slot of the global concurrency limit 'test-timeout' came free in 2 s: 1 of 1 taken, "
+                              "by a process outside a flow run since ")
+    assert "held by no run on record" not in message
+    assert "Wait for them, or cancel their flow runs" in message and "prefect gcl" not in message
+    assert after == 0
