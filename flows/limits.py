@@ -182,12 +182,15 @@ def _lost(slot: Slot, why: str, when_lost: str) -> None:
 
 
 async def _release(prefect: PrefectClient, slot: Slot, recorded: asyncio.Task) -> None:
-    try:
-        await prefect.release_concurrency_slots_with_lease(slot.lease)
-    finally:
+    async def forget() -> None:
         if await recorded:
             with contextlib.suppress(ObjectNotFound, httpx.HTTPError):
                 await prefect.delete_variable_by_name(HOLDER_PREFIX + str(slot.lease))
+
+    released, _ = await asyncio.gather(prefect.release_concurrency_slots_with_lease(slot.lease), forget(),
+                                       return_exceptions=True)
+    if isinstance(released, BaseException):
+        raise released
 
 
 async def _record_holder(prefect: PrefectClient, slot: Slot) -> bool:
@@ -208,16 +211,21 @@ async def _describe_holders(prefect: PrefectClient, name: str, waited: float) ->
     limit = await prefect.read_global_concurrency_limit_by_name(name)
     response = await prefect.request("POST", "/variables/filter", json={
         "variables": {"name": {"like_": HOLDER_PREFIX}, "tags": {"all_": [HOLDER_TAG]}}, "limit": 200})
-    records = [v["value"] for v in response.json()
-               if isinstance(v.get("value"), dict) and v["value"].get("limit") == name]
+    records = {v["name"]: v["value"] for v in response.json()
+               if isinstance(v.get("value"), dict) and v["value"].get("limit") == name}
     runs = {}
-    ids = [UUID(r["flow_run"]) for r in records if r.get("flow_run")]
+    ids = [UUID(r["flow_run"]) for r in records.values() if r.get("flow_run")]
     if ids:
         runs = {str(run.id): run for run in await prefect.read_flow_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))}
     held = []
-    for record in records:
+    for variable, record in records.items():
         run = runs.get(str(record.get("flow_run")))
+        if run and run.state and run.state.is_final():
+            # left by a process that ended without letting go: its lease has expired (or was lost with the slot)
+            with contextlib.suppress(ObjectNotFound, httpx.HTTPError):
+                await prefect.delete_variable_by_name(variable)
+            continue
         who = (f"flow run {run.name!r} ({run.id}, {run.state_name})" if run
                else f"flow run {record['flow_run']}" if record.get("flow_run") else "a process outside a flow run")
         held.append(f"{who} since {record.get('since')}")

@@ -140,3 +140,34 @@ def test_an_acquisition_that_times_out_names_the_holder_and_what_to_do(prefect_s
     assert "held by no run on record" not in message
     assert "Wait for them, or cancel their flow runs" in message and "prefect gcl" not in message
     assert after == 0
+
+
+def test_a_holder_record_left_by_a_run_that_ended_is_not_named_and_is_removed(prefect_server):
+    """A process killed while holding a slot leaves its `slot-holder-<lease>` Variable behind (its lease expires)."""
+    from prefect import flow
+    from prefect.client.schemas.actions import VariableCreate
+
+    @flow(name="ended-holder")
+    def ended() -> str:
+        return "done"
+
+    run_id = ended(return_state=True).state_details.flow_run_id
+
+    async def scenario():
+        await ensure_limit("test-stale", 1)
+        async with get_client() as prefect:
+            await prefect.create_variable(VariableCreate(
+                name=f"{limits.HOLDER_PREFIX}00000000-0000-4000-8000-000000000001", tags=[limits.HOLDER_TAG],
+                value={"limit": "test-stale", "flow_run": str(run_id), "since": "2026-01-01T00:00:00+00:00"}))
+        async with held_slot("test-stale", lease_seconds=60):
+            with pytest.raises(limits.SlotTimeout) as timed_out:
+                async with held_slot("test-stale", lease_seconds=60, timeout=1):
+                    pass
+        async with get_client() as prefect:
+            left = await prefect.read_variable_by_name(f"{limits.HOLDER_PREFIX}00000000-0000-4000-8000-000000000001")
+        return str(timed_out.value), left
+
+    message, left = asyncio.run(scenario())
+    assert "1 of 1 taken, by a process outside a flow run since " in message
+    assert str(run_id) not in message and "held by no run on record" not in message
+    assert left is None
