@@ -113,14 +113,15 @@ def test_a_server_restart_loses_the_lease_the_holder_says_so_and_the_next_run_is
     the run on record as the holder, then (once that run let go) the leaked slot and the command that frees
     it, which works. With filesystem lease storage the next restart keeps the lease.
     """
-    monkeypatch.setattr(limits, "RENEW_AFTER", 0.005)  # renew every 0.3 s of a 60 s lease
+    # renewed every 3 s of a 10 min lease: the lease outlasts even a slow restart, so the holder meets the 410
+    monkeypatch.setattr(limits, "RENEW_AFTER", 0.005)
     lock = "helm-release-apps-web"
     held, let_go = asyncio.Event(), asyncio.Event()
     slots = []
 
     @flow(name="holds-the-release-lock")
     async def holder() -> str:
-        async with held_slot(lock, lease_seconds=60, when_lost="Not starting helm") as slot:
+        async with held_slot(lock, lease_seconds=600, when_lost="Not starting helm") as slot:
             slots.append(slot)
             held.set()
             await let_go.wait()
@@ -173,9 +174,9 @@ def test_a_server_restart_loses_the_lease_the_holder_says_so_and_the_next_run_is
     async def durable():
         """The server now keeps leases in files under its PREFECT_HOME: a restart keeps the lease."""
         assert await active_slots(lock) == 0
-        async with held_slot(lock, lease_seconds=60, timeout=5) as slot:
+        async with held_slot(lock, lease_seconds=600, timeout=5) as slot:
             await asyncio.to_thread(own_server.restart, FILESYSTEM_LEASES)
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(7.0)  # two renewals
             assert slot.lost is None
             assert await active_slots(lock) == 1
         return await active_slots(lock)
