@@ -62,6 +62,7 @@ class OwnServer:
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
+        self.stop()
         raise AssertionError("the Prefect server did not start in 180 s")
 
     def stop(self) -> None:
@@ -85,8 +86,8 @@ class OwnServer:
 @pytest.fixture
 def own_server(tmp_path):
     server = OwnServer(tmp_path)
-    server.start()
     try:
+        server.start()
         with temporary_settings({PREFECT_API_URL: server.url}):
             yield server
     finally:
