@@ -31,7 +31,8 @@ HELM = ROOT / ".tools" / "bin" / "helm"
 
 @pytest.fixture(scope="module")
 def emu():
-    emulator = KubeEmulator(rollout_delay=0.1, job_pod_duration=0.1)
+    emulator = KubeEmulator(rollout_delay=0.1, job_pod_duration=0.1, pod_failure_backoff=0.2)
+    emulator.allow_any_image()  # these tests are not about image pulls (those that are set their own resolver)
     emulator.start()
     yield emulator
     emulator.stop()
