@@ -288,8 +288,6 @@ class KubeEmulator:
         client-go event recorder's correlator does (k8s.io/client-go tools/record/events_cache.go)."""
         meta = obj.get("metadata") or {}
         namespace = meta.get("namespace", "default")
-        if self.get("namespaces", None, namespace) is None:
-            return None
         involved = {"kind": obj.get("kind", "Pod"), "apiVersion": obj.get("apiVersion", "v1"),
                     "name": meta.get("name", ""), "namespace": namespace, "uid": meta.get("uid", "")}
         now = defaults.now_iso()
