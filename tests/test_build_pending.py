@@ -94,8 +94,8 @@ def test_a_namespace_enforcing_baseline_fails_in_seconds_with_the_pod_security_f
     message = failed_quickly(example_app, 30)
 
     assert "[pod-security-admission]" in message
-    assert 'violates PodSecurity "baseline:latest": privileged (container "buildkit" must not set ' \
-           "securityContext.privileged=true)" in message
+    assert "Pod Security admission (baseline:latest) refused the build pod" in message
+    assert 'privileged (container "buildkit" must not set securityContext.privileged=true)' in message
     assert f"kubectl label ns {namespace} pod-security.kubernetes.io/enforce=privileged" in message
     assert jobs(sandbox, example_app) == []
     assert sandbox.kube.list("pods", namespace) == []

@@ -125,7 +125,7 @@ class Controllers:
         self.work: queue.Queue[WorkItem | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="kube-controllers", daemon=True)
         self.timers: list[threading.Timer] = []
-        self._failed_at: dict[str, float] = {}
+        self._finished: dict[str, dict] = {}  # per Job uid: the pods counted (the job-tracking finalizer's role)
 
     def start(self) -> None:
         self.store.subscribe(self.on_event)
@@ -240,10 +240,20 @@ class Controllers:
         pods = self.store.owned_by(job["metadata"]["uid"], "pods")
         terminating = [p for p in pods if p["metadata"].get("deletionTimestamp") and not is_terminal(p)]
         active = [p for p in pods if not p["metadata"].get("deletionTimestamp") and not is_terminal(p)]
-        succeeded = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Succeeded")
         failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
-        counted = sum(1 for p in failed_pods if match_pod_failure_policy(policy, p)[1])
-        failed = max(counted, status.get("failed", 0))
+        finished = self._finished.setdefault(job["metadata"]["uid"], {"succeeded": set(), "failed": set(), "all": {}})
+        for pod in pods:
+            phase, uid = (pod.get("status") or {}).get("phase"), pod["metadata"]["uid"]
+            if phase == "Succeeded":
+                finished["succeeded"].add(uid)
+            elif phase == "Failed":
+                finished["all"].setdefault(uid, time.monotonic())
+                if match_pod_failure_policy(policy, pod)[1]:
+                    finished["failed"].add(uid)
+        succeeded, failed = len(finished["succeeded"]), len(finished["failed"])
+        for pod in pods:  # counted: the job-tracking finalizer goes, and with it a pod being deleted
+            if pod["metadata"].get("deletionTimestamp") and is_terminal(pod):
+                self._delete_quietly("pods", pod)
         start_time = status.get("startTime") or defaults.now_iso()
         new_status: dict = {"startTime": start_time, "active": len(active), "ready": sum(map(is_ready, active)),
                             "terminating": len(terminating), "uncountedTerminatedPods": {}}
@@ -275,7 +285,7 @@ class Controllers:
             if new_status["terminating"] == 0:
                 self._finish_job(job, decided, conditions, new_status)
         elif not spec.get("suspend") and not active and not (policy and terminating):
-            wait = self._failure_backoff(failed_pods)
+            wait = self._failure_backoff(finished["all"])
             if wait > 0:
                 self.schedule(wait, ("jobs", namespace, name))
             elif self._create_job_pod(job):
@@ -295,15 +305,13 @@ class Controllers:
             self.emulator.record_event(job, "Warning", decided.get("reason", ""), decided.get("message", ""),
                                        "job-controller")
 
-    def _failure_backoff(self, failed_pods: list[dict]) -> float:
+    def _failure_backoff(self, failures: dict[str, float]) -> float:
         """Seconds left of the pod failure back-off: 10 s after the last failure, doubling per failure
         (job_controller.go DefaultJobPodFailureBackOff, backoff_utils.go)."""
-        if not failed_pods:
+        if not failures:
             return 0.0
-        now = time.monotonic()
-        seen = [self._failed_at.setdefault(p["metadata"]["uid"], now) for p in failed_pods]
-        delay = self.emulator.pod_failure_backoff * 2 ** (len(failed_pods) - 1)
-        return max(0.0, max(seen) + delay - now)
+        delay = self.emulator.pod_failure_backoff * 2 ** (len(failures) - 1)
+        return max(0.0, max(failures.values()) + delay - time.monotonic())
 
     def _create_job_pod(self, job: dict) -> bool:
         """Create the Job's pod, with the events the job controller's pod control records

@@ -386,7 +386,10 @@ class KubeEmulator:
                 return
             if not is_terminal(pod):
                 PodHandle(self, pod).terminate(143, reason="Error")
-            self.delete("pods", namespace, name)
+            if (controller_owner(pod) or {}).get("kind") != "Job":
+                self.delete("pods", namespace, name)
+            # a Job's pod keeps its batch.kubernetes.io/job-tracking finalizer until the Job controller has
+            # counted it (controllers.py reconcile_job deletes it then)
 
     def evict(self, namespace: str, name: str) -> dict | None:
         """What `POST .../pods/{name}/eviction` does to a pod no PodDisruptionBudget protects: the
