@@ -118,6 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="buildkit-pipeline-bench-") as tmp, \
             prefect_test_harness(server_startup_timeout=120), KubeEmulator() as emulator:
         kubeconfig = str(emulator.write_kubeconfig(Path(tmp) / "kubeconfig"))
+        emulator.allow_any_image()  # the bench measures detection, not image pulls
         emulator.create("namespaces", None, {"metadata": {"name": NAMESPACE}})
         emulator.on_pod(lambda pod: pod["metadata"].get("namespace") == NAMESPACE, pod_ends_after_a_random_while)
         clock = CompletionClock(emulator)

@@ -24,6 +24,9 @@ CONTEXT_URL_PLACEHOLDER = "<presigned-url>"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "buildkit-pipeline"}
 CONTAINER = "buildkit"
 BUILDKIT_CACHE_TAG = "buildcache"
+# kubernetes-sigs/karpenter pkg/apis/v1/labels.go DoNotDisruptAnnotationKey: Karpenter (and EKS Auto Mode)
+# do not consolidate, drift or expire a node while a running pod carries it.
+DO_NOT_DISRUPT = {"karpenter.sh/do-not-disrupt": "true"}
 
 
 class BuildFailed(RuntimeError):
@@ -188,8 +191,28 @@ def registry_config_volume(request: BuildRequest, mount_path: str) -> tuple[dict
     return volume, {"name": "docker-config", "mountPath": mount_path, "readOnly": True}
 
 
+def pod_failure_policy(container: str) -> dict:
+    """One retry for a pod that was disrupted, none for a build that failed.
+
+    Rules are matched in order and the first match wins (kubernetes/kubernetes
+    pkg/controller/job/pod_failure_policy.go): an evicted or preempted pod has the
+    DisruptionTarget condition, and its container may also exit non-zero (143 on
+    SIGTERM), so that rule comes first and Counts the failure against
+    backoffLimit 1: one replacement pod, and a second disruption fails the Job
+    (Ignore would replace pods without bound until the deadline). Any other
+    non-zero exit of the build container is the build's own failure (a RUN step,
+    a push): FailJob, never retried. A pod failure with neither (e.g. the kubelet
+    rejecting the pod) counts, so it is retried once too.
+    """
+    return {"rules": [
+        {"action": "Count", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {"containerName": container, "operator": "NotIn", "values": [0]}},
+    ]}
+
+
 def build_job(request: BuildRequest, container: dict, volumes: list[dict], pod_security: dict | None = None) -> dict:
-    """The Job around one build container: no retries, a deadline, a TTL, no API token, labelled for cleanup.
+    """The Job around one build container: one retry after a disruption only, a deadline, a TTL, no API token,
+    labelled for cleanup, and not to be disrupted by Karpenter / EKS Auto Mode while it runs.
 
     Both builders share it; the container reports through its termination message.
     """
@@ -217,10 +240,11 @@ def build_job(request: BuildRequest, container: dict, volumes: list[dict], pod_s
         "kind": "Job",
         "metadata": {"name": request.name, "namespace": settings.namespace, "labels": pod_labels},
         "spec": {
-            "backoffLimit": 0,
+            "backoffLimit": 1,
+            "podFailurePolicy": pod_failure_policy(container["name"]),
             "activeDeadlineSeconds": settings.timeout_seconds,
             "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+            "template": {"metadata": {"labels": pod_labels, "annotations": dict(DO_NOT_DISRUPT)}, "spec": pod_spec},
         },
     }
 
@@ -251,10 +275,16 @@ def _condition(job: dict, kind: str) -> dict | None:
 
 
 def job_outcome(job: dict) -> str | None:
-    """"Complete", "Failed", or None while the Job is still running."""
-    if _condition(job, "Complete"):
+    """"Complete", "Failed", or None while the Job is still running.
+
+    Since Kubernetes 1.31 the Job controller writes SuccessCriteriaMet / FailureTarget as soon as the
+    outcome is decided and Complete / Failed only once its pods have stopped (job_controller.go
+    enactJobFinished), which for a pod being killed can take its whole grace period: the outcome is
+    known at the first one.
+    """
+    if _condition(job, "Complete") or _condition(job, "SuccessCriteriaMet"):
         return "Complete"
-    if _condition(job, "Failed"):
+    if _condition(job, "Failed") or _condition(job, "FailureTarget"):
         return "Failed"
     return None
 
@@ -281,7 +311,7 @@ def terminated_state(pod: dict) -> dict:
 def describe_failure(job: dict, pods: list[dict]) -> str:
     """What went wrong, from the Job's condition and the build container's state."""
     reasons = []
-    if failed := _condition(job, "Failed"):
+    if failed := _condition(job, "Failed") or _condition(job, "FailureTarget"):
         reasons.append(f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".rstrip(": "))
     for pod in pods:
         if terminated := terminated_state(pod):

@@ -36,6 +36,7 @@ from flows.build import (
     terminated_state,
 )
 from flows.builders import job_manifest
+from flows import pending
 from flows.kube import Watch, as_dict, with_retries
 from flows.registry_auth import RegistryToken, owned_by, registry_secret_manifest
 from flows.secrecy import carrying_secrets, withhold_presigned_query
@@ -158,23 +159,42 @@ async def wait_for_job(api: client.ApiClient, namespace: str, name: str, resourc
             continue
 
 
-async def _started_pod(api: client.ApiClient, namespace: str, job: str) -> str:
-    """The name of the Job's Pod, once its build container has started (or already ended)."""
+async def _started_pod(api: client.ApiClient, namespace: str, job: str, skip: frozenset[str] = frozenset()) -> str:
+    """The name of a Job's Pod not in `skip`, once its build container has started (or already ended)."""
     core = client.CoreV1Api(api)
     while True:
         async with Watch(api) as stream:
             async for event in stream.stream(core.list_namespaced_pod, namespace, label_selector=f"job-name={job}",
                                              timeout_seconds=60):
                 pod = as_dict(api, event["object"])
-                for status in (pod.get("status") or {}).get("containerStatuses") or []:
-                    state = status.get("state") or {}
-                    if "running" in state or "terminated" in state:
-                        return pod["metadata"]["name"]
+                if pod["metadata"]["name"] not in skip and pending.started(pod):
+                    return pod["metadata"]["name"]
+
+
+def _disrupted(pod: dict | None) -> bool:
+    """A pod the Job replaces: it was evicted or preempted (see flows/build.py pod_failure_policy)."""
+    return any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+               for c in ((pod or {}).get("status") or {}).get("conditions") or [])
 
 
 async def follow_log(api: client.ApiClient, namespace: str, job: str, on_line: Callable[[str], None]) -> None:
-    """Hand every line the build container writes to `on_line` as it is written."""
-    pod = await _started_pod(api, namespace, job)
+    """Hand every line the build container writes to `on_line` as it is written; after a pod that was
+    disrupted, the same for the pod that replaces it."""
+    followed: set[str] = set()
+    while True:
+        pod = await _started_pod(api, namespace, job, frozenset(followed))
+        followed.add(pod)
+        await _follow_pod_log(api, namespace, pod, on_line)
+        try:
+            ended = as_dict(api, await client.CoreV1Api(api).read_namespaced_pod(pod, namespace))
+        except ApiException:
+            return
+        if not _disrupted(ended):
+            return
+        on_line(f"--- pod {pod} was disrupted; following the pod that replaces it ---")
+
+
+async def _follow_pod_log(api: client.ApiClient, namespace: str, pod: str, on_line: Callable[[str], None]) -> None:
     response = await client.CoreV1Api(api).read_namespaced_pod_log(
         pod, namespace, follow=True, _preload_content=False
     )
@@ -183,6 +203,97 @@ async def follow_log(api: client.ApiClient, namespace: str, job: str, on_line: C
             on_line(raw.decode(errors="replace").rstrip("\n"))
     finally:
         response.release()
+
+
+class Stuck(BaseModel):
+    """A build pod that will not start, with what the diagnosis reads."""
+
+    reason: str
+    pods: list[dict]
+    events: list[dict]
+
+
+async def _watch_into(queue: asyncio.Queue, api: client.ApiClient, list_fn, namespace: str, kind: str,
+                      **selectors) -> None:
+    """Put every (kind, event type, object) of a watch on `queue`, rewatching (and relisting) when it ends."""
+    while True:
+        try:
+            async with Watch(api) as stream:
+                async for event in stream.stream(list_fn, namespace, timeout_seconds=300, **selectors):
+                    await queue.put((kind, event["type"], as_dict(api, event["object"])))
+        except (ApiException, asyncio.TimeoutError, OSError):
+            await asyncio.sleep(1)
+
+
+async def watch_pending(api: client.ApiClient, namespace: str, job: str, timeout: float) -> Stuck:
+    """Watch the Job's pods and the events of the Job and its pods until `flows/pending.py` gives up on them.
+
+    Never returns while the build can still start; the caller cancels it once the Job ends.
+    """
+    core = client.CoreV1Api(api)
+    queue: asyncio.Queue = asyncio.Queue()
+    watches = [
+        asyncio.create_task(_watch_into(queue, api, core.list_namespaced_pod, namespace, "pod",
+                                        label_selector=f"job-name={job}")),
+        asyncio.create_task(_watch_into(queue, api, core.list_namespaced_event, namespace, "event")),
+    ]
+    pods: dict[str, dict] = {}
+    events: dict[str, dict] = {}
+    first_seen: dict[str, float] = {}
+    started_at = time.monotonic()
+    recheck: float | None = None
+    try:
+        while True:
+            try:
+                kind, kind_of_change, obj = await asyncio.wait_for(queue.get(), recheck)
+            except asyncio.TimeoutError:
+                pass
+            else:
+                name = obj["metadata"]["name"]
+                if kind == "pod":
+                    first_seen.setdefault(name, time.monotonic())
+                    if kind_of_change == "DELETED":
+                        pods.pop(name, None)
+                    else:
+                        pods[name] = obj
+                elif _about_job(obj, job):
+                    events[obj["metadata"].get("uid", name)] = obj
+            now = time.monotonic()
+            ordered = sorted(pods.values(), key=lambda p: first_seen.get(p["metadata"]["name"], now))
+            verdict = pending.job_verdict(job, ordered, list(events.values()), waited=now - started_at,
+                                          timeout=timeout,
+                                          pod_waited={n: now - t for n, t in first_seen.items()})
+            if verdict.fail:
+                return Stuck(reason=verdict.fail, pods=ordered, events=list(events.values()))
+            recheck = verdict.recheck_in
+    finally:
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
+
+
+def _about_job(event: dict, job: str) -> bool:
+    """An event about the Job or one of its pods (named `<job>-<suffix>` by the Job controller)."""
+    involved = event.get("involvedObject") or {}
+    name = involved.get("name", "")
+    return (involved.get("kind") == "Job" and name == job) or \
+        (involved.get("kind") == "Pod" and name.startswith(f"{job}-") and "-" not in name[len(job) + 1:])
+
+
+async def _job_or_stuck(api: client.ApiClient, namespace: str, name: str, resource_version: str, deadline: float,
+                        pending_timeout: float) -> dict | Stuck:
+    """The ended Job (wait_for_job), or the reason its pod will never start, whichever comes first."""
+    waiter = asyncio.create_task(wait_for_job(api, namespace, name, resource_version, deadline))
+    guard = asyncio.create_task(watch_pending(api, namespace, name, pending_timeout))
+    try:
+        done, _ = await asyncio.wait({waiter, guard}, return_when=asyncio.FIRST_COMPLETED)
+        if guard in done and waiter not in done and guard.exception() is None:
+            return guard.result()
+        return await waiter
+    finally:
+        for task in (waiter, guard):
+            task.cancel()
+        await asyncio.gather(waiter, guard, return_exceptions=True)
 
 
 async def _pods(api: client.ApiClient, namespace: str, job: str) -> list[dict]:
@@ -253,8 +364,14 @@ async def run_build(
             await with_retries(functools.partial(core.patch_namespaced_secret, secret["metadata"]["name"],
                                                  namespace, owned_by(created)))
         follower = asyncio.create_task(follow_log(api, namespace, name, on_log_line))
-        job = created if job_outcome(created) else await wait_for_job(
-            api, namespace, name, created["metadata"]["resourceVersion"], deadline)
+        job = created if job_outcome(created) else await _job_or_stuck(
+            api, namespace, name, created["metadata"]["resourceVersion"], deadline,
+            request.settings.pending_timeout_seconds)
+        if isinstance(job, Stuck):
+            await _delete_quietly(batch.delete_namespaced_job, name, namespace, propagation_policy="Background")
+            current = {"metadata": {"name": name, "namespace": namespace}}
+            raise BuildFailed(f"{component}: build Job {namespace}/{name} never started, so it was deleted: "
+                              f"{job.reason}: {explain('', current, job.pods, job.events)}")
         await _stop(follower, LOG_DRAIN_SECONDS)
         pods = await _pods(api, namespace, name)
         if job_outcome(job) == "Complete":

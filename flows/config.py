@@ -117,6 +117,8 @@ class BuildSpec(_Strict):
     mode: Literal["privileged", "rootless"] = Field(default="privileged", description="BuildKit only")
     kaniko_image: str = Field(default=DEFAULT_KANIKO_IMAGE, description="the Kaniko executor (or a fork), pinned")
     timeout_seconds: int = Field(default=1800, ge=30, description="the Job's activeDeadlineSeconds")
+    pending_timeout_seconds: int = Field(default=300, ge=10, description="how long a build pod may stay unstarted "
+                                         "(image pull back-off, unschedulable without a node being provisioned)")
     max_context_bytes: int = Field(default=1 << 30, ge=1, description="largest context archive to upload")
     cache: Literal["registry", "none"] = "registry"
     cache_repository: str | None = Field(default=None, description="repository for the cache (default: the image's)")

@@ -193,12 +193,26 @@ SIGNATURES: list[Signature] = [
         ),
         defaults={"reason": "ErrImagePull", "detail": "see the pod's events"},
     ),
+    # kubernetes/kubernetes pkg/kubelet/kubelet_pods.go makeEnvironmentVariables (`secret "x" not found`
+    # from the secret manager, `couldn't find key k in Secret ns/x`) and pkg/volume/secret/secret.go
+    # (`MountVolume.SetUp failed for volume "v" : secret "x" not found`, `references non-existent secret key: k`).
+    Signature(
+        name="secret-missing",
+        summary="the build pod cannot start: {detail}",
+        action="the build's Secrets are created by the run just before its Job and owned by it: check nothing "
+               "in namespace {namespace} deletes them (a cleanup job, a policy), then rerun",
+        status=(
+            r"^pod container \S+ state\.waiting image=\S* reason=CreateContainerConfigError exitCode=\S* "
+            r"message=(?P<detail>.*)$",
+            r"^event \S+ FailedMount \S+: (?P<detail>MountVolume\.SetUp failed for volume .*)$",
+        ),
+    ),
     Signature(
         name="deadline-exceeded",
         summary="the build Job ran past its deadline and Kubernetes stopped it ({detail})",
         action="raise build.timeout_seconds (the Job's activeDeadlineSeconds), or make the build faster: "
                "check the registry cache is imported (cache hits in the step table) and the node is not starved",
-        status=(r"^job condition Failed=True reason=DeadlineExceeded message=(?P<detail>.*)$",),
+        status=(r"^job condition (?:Failed|FailureTarget)=True reason=DeadlineExceeded message=(?P<detail>.*)$",),
     ),
     Signature(
         name="oom-killed",

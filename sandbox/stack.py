@@ -7,14 +7,36 @@ start one per run.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
-from flows.config import PipelineConfig
+from flows.config import DEFAULT_BUILDKIT_IMAGE, DEFAULT_KANIKO_IMAGE, PipelineConfig
 from sandbox.aws import AwsSandbox
 from sandbox.buildkit import SimulatedBuildKit
 from sandbox.kaniko import SimulatedKaniko
 from sandbox.kube import KubeEmulator
+
+
+BUILDER_IMAGES = frozenset({DEFAULT_BUILDKIT_IMAGE, f"{DEFAULT_BUILDKIT_IMAGE}-rootless", DEFAULT_KANIKO_IMAGE})
+ECR_HOST = re.compile(r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com$")
+
+
+def ecr_image_exists(aws: AwsSandbox, image: str) -> bool:
+    """`<account>.dkr.ecr.<region>.amazonaws.com/<repo>[:<tag>][@<digest>]` names an image in the sandbox ECR."""
+    host, _, rest = image.partition("/")
+    found = ECR_HOST.match(host)
+    if not found or not rest:
+        return False
+    name, _, digest = rest.partition("@")
+    repository, _, tag = name.rpartition(":") if ":" in name else (name, "", "latest")
+    ecr = aws.client("ecr", found["region"])
+    image_id = {"imageDigest": digest} if digest else {"imageTag": tag}
+    try:
+        ecr.describe_images(registryId=found["account"], repositoryName=repository, imageIds=[image_id])
+    except (ecr.exceptions.ImageNotFoundException, ecr.exceptions.RepositoryNotFoundException):
+        return False
+    return True
 
 
 class Sandbox:
@@ -32,8 +54,15 @@ class Sandbox:
         self.aws.start()
         self.kube.start()
         self.kube.write_kubeconfig(self.kubeconfig)
+        self.kube.image_resolver = self.image_exists
         self.install_builders()
         return self
+
+    def image_exists(self, image: str) -> bool:
+        """What the sandbox's nodes can pull: the pinned builder images, and what was pushed to its ECR."""
+        if image in BUILDER_IMAGES:
+            return True
+        return ecr_image_exists(self.aws, image)
 
     def install_builders(self) -> None:
         """The simulated BuildKit and Kaniko pods as the only pod behaviours, e.g. after a test's own."""

@@ -52,7 +52,13 @@ def test_the_job_validates_against_the_kubernetes_schema(variant):
     job = build_job_manifest(request(**VARIANTS[variant]))
     kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
     assert "initContainers" not in job["spec"]["template"]["spec"]
-    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] > 0
+    assert job["spec"]["activeDeadlineSeconds"] > 0
+    # one retry, only after a disruption: a failing build container fails the Job at once
+    assert job["spec"]["backoffLimit"] == 1
+    assert job["spec"]["podFailurePolicy"]["rules"] == [
+        {"action": "Count", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {"containerName": "buildkit", "operator": "NotIn", "values": [0]}}]
+    assert job["spec"]["template"]["metadata"]["annotations"] == {"karpenter.sh/do-not-disrupt": "true"}
 
 
 def test_an_invalid_manifest_is_caught_by_the_validation():

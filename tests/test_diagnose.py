@@ -46,6 +46,7 @@ STATUS_CASES = [
     ("buildkit-image-pull.json", "buildkit-image-pull"),
     ("oom-killed.json", "oom-killed"),
     ("deadline-exceeded.json", "deadline-exceeded"),
+    ("secret-missing.json", "secret-missing"),
 ]
 
 

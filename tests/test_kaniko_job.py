@@ -44,7 +44,8 @@ def test_the_kaniko_job_validates_and_carries_no_privileged_flag(variant):
     assert "privileged" not in every_key(job)
     assert "securityContext" not in container(job) and "securityContext" not in job["spec"]["template"]["spec"]
     assert job["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
-    assert job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["backoffLimit"] == 1
+    assert job["spec"]["podFailurePolicy"]["rules"][1]["onExitCodes"]["containerName"] == "kaniko"
 
 
 def test_the_executor_reads_the_archive_layout_and_reports_the_digest_through_the_termination_message():

@@ -31,7 +31,8 @@ HELM = ROOT / ".tools" / "bin" / "helm"
 
 @pytest.fixture(scope="module")
 def emu():
-    emulator = KubeEmulator(rollout_delay=0.1, job_pod_duration=0.1)
+    emulator = KubeEmulator(rollout_delay=0.1, job_pod_duration=0.1, pod_failure_backoff=0.2)
+    emulator.allow_any_image()  # these tests are not about image pulls (those that are set their own resolver)
     emulator.start()
     yield emulator
     emulator.stop()
@@ -577,3 +578,152 @@ def test_pod_logs_follow_until_the_pod_terminates(emu):
         assert response.read() == b"step 2\n"
     with urllib.request.urlopen(f"{emu.url}/api/v1/namespaces/logs/pods/p/log?tailLines=1") as response:
         assert response.read() == b"step 2\n"
+
+
+# ------------------------------------------------------------------------ scheduler, kubelet, admission, disruption
+
+
+def events_of(emu, namespace: str, name: str) -> list[tuple[str, str]]:
+    return [(e["reason"], e["message"]) for e in emu.list("events", namespace)
+            if e["involvedObject"]["name"] == name]
+
+
+def pod_of(emu, namespace: str, job: str) -> dict | None:
+    pods = emu.list("pods", namespace, label_selector=f"job-name={job}")
+    return pods[-1] if pods else None
+
+
+def test_an_unknown_image_waits_in_err_image_pull_then_image_pull_back_off(emu):
+    emu.image_resolver = lambda image: image != "busybox:9.99"
+    try:
+        emu.create("pods", "pull", {"metadata": {"name": "p"}, "spec": {"containers": [
+            {"name": "c", "image": "busybox:9.99"}]}})
+        wait_until(lambda: (emu.get("pods", "pull", "p")["status"].get("containerStatuses") or [{}])[0]
+                   .get("state", {}).get("waiting", {}).get("reason") == "ImagePullBackOff", timeout=5)
+        pod = emu.get("pods", "pull", "p")
+        assert pod["status"]["phase"] == "Pending"
+        ref = "docker.io/library/busybox:9.99"
+        assert ("Failed", f'Failed to pull image "busybox:9.99": rpc error: code = NotFound desc = failed to pull and '
+                          f'unpack image "{ref}": failed to resolve reference "{ref}": {ref}: not found') \
+            in events_of(emu, "pull", "p")
+        assert ("Failed", "Error: ErrImagePull") in events_of(emu, "pull", "p")
+        assert ("BackOff", 'Back-off pulling image "busybox:9.99"') in events_of(emu, "pull", "p")
+    finally:
+        emu.allow_any_image()
+
+
+def test_a_pod_no_node_fits_stays_pending_unschedulable(emu):
+    emu.create("pods", "sched", {"metadata": {"name": "p"}, "spec": {
+        "nodeSelector": {"kubernetes.io/arch": "arm64"}, "containers": [{"name": "c", "image": "x:1"}]}})
+    message = ("0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector. preemption: "
+               "0/1 nodes are available: 1 Preemption is not helpful for scheduling.")
+    pod = wait_until(lambda: emu.get("pods", "sched", "p")["status"].get("conditions") and emu.get("pods", "sched", "p"))
+    assert pod["status"]["conditions"][0] | {"lastTransitionTime": None} == {
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+        "lastProbeTime": None, "lastTransitionTime": None}
+    assert "nodeName" not in pod["spec"]
+    assert ("FailedScheduling", message) in events_of(emu, "sched", "p")
+    emu.create("pods", "sched", {"metadata": {"name": "big"}, "spec": {"containers": [
+        {"name": "c", "image": "x:1", "resources": {"requests": {"cpu": "64"}}}]}})
+    wait_until(lambda: events_of(emu, "sched", "big"))
+    assert events_of(emu, "sched", "big")[0][1].startswith("0/1 nodes are available: 1 Insufficient cpu. ")
+
+
+def test_pod_security_baseline_refuses_a_privileged_pod_and_the_job_records_failed_create(emu):
+    emu.create("namespaces", None, {"metadata": {"name": "psa", "labels": {
+        "pod-security.kubernetes.io/enforce": "baseline"}}})
+    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [
+        {"name": "buildkit", "image": "x:1", "securityContext": {"privileged": True}}]}}
+    request = urllib.request.Request(f"{emu.url}/api/v1/namespaces/psa/pods", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request)
+    assert refused.value.code == 403
+    assert json.loads(refused.value.read())["message"] == (
+        'pods "p" is forbidden: violates PodSecurity "baseline:latest": privileged '
+        '(container "buildkit" must not set securityContext.privileged=true)')
+
+    job = job_body("priv")
+    job["spec"]["template"]["spec"]["containers"][0]["securityContext"] = {
+        "seccompProfile": {"type": "Unconfined"}, "appArmorProfile": {"type": "Unconfined"}}
+    emu.create("jobs", "psa", job)
+    failed = wait_until(lambda: [m for r, m in events_of(emu, "psa", "priv") if r == "FailedCreate"])
+    assert failed[0].startswith('Error creating: pods "priv-')
+    assert failed[0].endswith('is forbidden: violates PodSecurity "baseline:latest": forbidden AppArmor profile '
+                              '(container "main" must not set AppArmor profile type to "Unconfined"), seccompProfile '
+                              '(container "main" must not set securityContext.seccompProfile.type to "Unconfined")')
+    assert emu.list("pods", "psa") == []
+
+
+def test_a_missing_secret_makes_the_pod_wait_until_it_exists(emu):
+    emu.create("pods", "secrets", {"metadata": {"name": "env"}, "spec": {"containers": [{
+        "name": "c", "image": "x:1", "env": [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}]}})
+    emu.create("pods", "secrets", {"metadata": {"name": "vol"}, "spec": {
+        "volumes": [{"name": "cfg", "secret": {"secretName": "s"}}], "containers": [{"name": "c", "image": "x:1"}]}})
+
+    def waiting(name: str) -> dict:
+        statuses = emu.get("pods", "secrets", name)["status"].get("containerStatuses") or [{}]
+        return statuses[0].get("state", {}).get("waiting", {})
+
+    wait_until(lambda: waiting("env").get("reason") == "CreateContainerConfigError")
+    assert waiting("env")["message"] == 'secret "s" not found'
+    wait_until(lambda: waiting("vol").get("reason") == "ContainerCreating")
+    assert ("FailedMount", 'MountVolume.SetUp failed for volume "cfg" : secret "s" not found') \
+        in events_of(emu, "secrets", "vol")
+    emu.create("secrets", "secrets", {"metadata": {"name": "s"}, "data": {"k": "dg=="}})
+    for name in ("env", "vol"):
+        wait_until(lambda n=name: emu.get("pods", "secrets", n)["status"]["phase"] == "Succeeded")
+
+
+def test_an_evicted_pod_is_replaced_under_the_pod_failure_policy_and_a_failed_one_is_not(emu):
+    release = threading.Event()
+
+    def behaviour(pod: PodHandle) -> None:
+        pod.running()
+        release.wait(5)
+        pod.terminate(0 if pod.name.startswith("evict-") else 1)
+
+    emu.on_pod(lambda pod: pod["metadata"]["namespace"] == "disrupt", behaviour)
+    policy = {"rules": [
+        {"action": "Count", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "NotIn", "values": [0]}}]}
+    emu.create("jobs", "disrupt", job_body("evict", backoffLimit=1, podFailurePolicy=policy))
+    first = wait_until(lambda: (p := pod_of(emu, "disrupt", "evict")) and p["status"].get("phase") == "Running" and p)
+    request = urllib.request.Request(
+        f"{emu.url}/api/v1/namespaces/disrupt/pods/{first['metadata']['name']}/eviction", method="POST",
+        data=json.dumps({"apiVersion": "policy/v1", "kind": "Eviction",
+                         "metadata": {"name": first["metadata"]["name"]}}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 201
+    evicted = emu.get("pods", "disrupt", first["metadata"]["name"])
+    assert evicted["metadata"]["deletionTimestamp"]
+    assert {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+            "message": "Eviction API: evicting"}.items() <= evicted["status"]["conditions"][-1].items()
+    second = wait_until(lambda: (p := pod_of(emu, "disrupt", "evict")) and p["metadata"]["name"]
+                        != first["metadata"]["name"] and p)
+    release.set()
+    job = wait_until(lambda: "Complete" in condition_types(emu.get("jobs", "disrupt", "evict"))
+                     and emu.get("jobs", "disrupt", "evict"))
+    assert job["status"]["failed"] == 1 and job["status"]["succeeded"] == 1
+    assert emu.get("pods", "disrupt", second["metadata"]["name"])["status"]["phase"] == "Succeeded"
+
+    emu.create("jobs", "disrupt", job_body("fails", backoffLimit=1, podFailurePolicy=policy))
+    job = wait_until(lambda: "Failed" in condition_types(emu.get("jobs", "disrupt", "fails"))
+                     and emu.get("jobs", "disrupt", "fails"), timeout=10)
+    assert job["status"]["conditions"][0]["reason"] == "PodFailurePolicy"
+    assert "failed with exit code 1 matching FailJob rule at index 1" in job["status"]["conditions"][0]["message"]
+    assert len(emu.list("pods", "disrupt", label_selector="job-name=fails")) == 1
+
+
+def test_failure_target_comes_first_and_failed_only_once_the_pods_have_stopped(emu):
+    emu.on_pod(lambda pod: pod["metadata"]["namespace"] == "gap", PodHandle.running)
+    seen: list[list[str]] = []
+    emu.store.subscribe(lambda event: seen.append(condition_types(event.obj))
+                        if event.plural == "jobs" and event.obj["metadata"]["name"] == "gap" else None)
+    emu.create("jobs", "gap", job_body("gap", activeDeadlineSeconds=1))
+    wait_until(lambda: "Failed" in condition_types(emu.get("jobs", "gap", "gap")))
+    interim = next(i for i, types in enumerate(seen) if "FailureTarget" in types)
+    final = next(i for i, types in enumerate(seen) if "Failed" in types)
+    assert interim < final and "Failed" not in seen[interim]
+    assert emu.get("jobs", "gap", "gap")["status"]["terminating"] == 0

@@ -16,9 +16,10 @@ import logging
 import math
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING
 
-from . import defaults, errors
+from . import defaults, errors, podsecurity
 from .pods import controller_owner, is_ready, is_terminal
 from .store import StoreEvent
 
@@ -56,6 +57,52 @@ def _keep_transition_times(old: list[dict], new: list[dict]) -> list[dict]:
     return new
 
 
+def _true_condition(conditions: list[dict], kind: str) -> dict | None:
+    return next((c for c in conditions if c.get("type") == kind and c.get("status") == "True"), None)
+
+
+def match_pod_failure_policy(policy: dict | None, pod: dict) -> tuple[str | None, bool, str | None]:
+    """(FailJob message, whether the failure counts against backoffLimit, the action) for a failed pod:
+    the first matching rule wins (kubernetes/kubernetes pkg/controller/job/pod_failure_policy.go, v1.33)."""
+    if not policy:
+        return None, True, None
+    status = pod.get("status") or {}
+    meta = pod["metadata"]
+    for index, rule in enumerate(policy.get("rules") or []):
+        action = rule.get("action")
+        if (requirement := rule.get("onExitCodes")) is not None:
+            matched = _matching_exit(status, requirement)
+            if matched is None:
+                continue
+            message = (f"Container {matched['name']} for pod {meta.get('namespace')}/{meta['name']} failed with exit "
+                       f"code {matched['state']['terminated']['exitCode']} matching {action} rule at index {index}")
+        elif (patterns := rule.get("onPodConditions")) is not None:
+            matched = next((c for c in status.get("conditions") or [] for want in patterns
+                            if c.get("type") == want.get("type") and c.get("status") == want.get("status", "True")),
+                           None)
+            if matched is None:
+                continue
+            message = (f"Pod {meta.get('namespace')}/{meta['name']} has condition {matched['type']} matching "
+                       f"{action} rule at index {index}")
+        else:
+            continue
+        return (message if action == "FailJob" else None), action != "Ignore", action
+    return None, True, None
+
+
+def _matching_exit(status: dict, requirement: dict) -> dict | None:
+    for container in (status.get("containerStatuses") or []) + (status.get("initContainerStatuses") or []):
+        terminated = (container.get("state") or {}).get("terminated")
+        if not terminated or terminated.get("exitCode", 0) == 0:
+            continue
+        if requirement.get("containerName") not in (None, container.get("name")):
+            continue
+        listed = terminated["exitCode"] in (requirement.get("values") or [])
+        if listed == (requirement.get("operator") == "In"):
+            return container
+    return None
+
+
 def template_hash(template: dict) -> str:
     digest = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).digest()
     alphabet = defaults.NAME_SUFFIX_ALPHABET
@@ -78,6 +125,7 @@ class Controllers:
         self.work: queue.Queue[WorkItem | None] = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="kube-controllers", daemon=True)
         self.timers: list[threading.Timer] = []
+        self._finished: dict[str, dict] = {}  # per Job uid: the pods counted (the job-tracking finalizer's role)
 
     def start(self) -> None:
         self.store.subscribe(self.on_event)
@@ -137,13 +185,16 @@ class Controllers:
         return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 
     def _create_pod(self, owner: dict, template: dict, extra_labels: dict | None = None) -> dict:
+        """Create a pod of `template`; Pod Security admission may refuse it (403)."""
         pod = copy.deepcopy(template)
         meta = pod.setdefault("metadata", {})
         meta["labels"] = {**(meta.get("labels") or {}), **(extra_labels or {})}
         meta["generateName"] = owner["metadata"]["name"] + "-"
+        meta["name"] = meta["generateName"] + defaults.random_suffix()
         meta["ownerReferences"] = [_owner_reference(owner)]
-        meta.pop("name", None)
-        return self.store.create("pods", owner["metadata"]["namespace"], pod)
+        namespace = owner["metadata"]["namespace"]
+        podsecurity.admit_pod(self.store.find("namespaces", None, namespace), pod)
+        return self.store.create("pods", namespace, pod)
 
     def _write_status(self, plural: str, obj: dict, status: dict, *, replace: bool = False) -> dict:
         """Merge `status` into the object's status (or replace it) unless nothing changes."""
@@ -168,61 +219,122 @@ class Controllers:
     # ---------------------------------------------------------------- Job
 
     def reconcile_job(self, namespace: str, name: str) -> None:
+        """One syncJob of kubernetes/kubernetes pkg/controller/job/job_controller.go (v1.33).
+
+        A decided outcome is written first as the interim condition (FailureTarget, SuccessCriteriaMet),
+        active pods are deleted gracefully, and the terminal condition (Failed, Complete) follows only
+        once no pod is terminating (enactJobFinished with delayTerminalCondition(), on since 1.31).
+        With a podFailurePolicy a failed pod is matched against its rules (pod_failure_policy.go), and
+        a replacement is created only once the pod it replaces has stopped (podReplacementPolicy
+        Failed, the default with a podFailurePolicy), after the failure back-off (10 s, doubling).
+        """
         job = self.store.find("jobs", namespace, name)
         if job is None or job["metadata"].get("deletionTimestamp"):
             return
         status = job.get("status") or {}
-        if any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-               for c in status.get("conditions") or []):
+        conditions = list(status.get("conditions") or [])
+        if any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions):
             return
         spec = job.get("spec") or {}
-        pods = self._owned_pods(job)
-        active = [p for p in pods if not is_terminal(p)]
-        succeeded = sum(1 for p in pods if p["status"].get("phase") == "Succeeded")
-        failed = max(sum(1 for p in pods if p["status"].get("phase") == "Failed"), status.get("failed", 0))
+        policy = spec.get("podFailurePolicy")
+        pods = self.store.owned_by(job["metadata"]["uid"], "pods")
+        terminating = [p for p in pods if p["metadata"].get("deletionTimestamp") and not is_terminal(p)]
+        active = [p for p in pods if not p["metadata"].get("deletionTimestamp") and not is_terminal(p)]
+        failed_pods = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
+        finished = self._finished.setdefault(job["metadata"]["uid"], {"succeeded": set(), "failed": set(), "all": {}})
+        for pod in pods:
+            phase, uid = (pod.get("status") or {}).get("phase"), pod["metadata"]["uid"]
+            if phase == "Succeeded":
+                finished["succeeded"].add(uid)
+            elif phase == "Failed":
+                finished["all"].setdefault(uid, time.monotonic())
+                if match_pod_failure_policy(policy, pod)[1]:
+                    finished["failed"].add(uid)
+        succeeded, failed = len(finished["succeeded"]), len(finished["failed"])
+        for pod in pods:  # counted: the job-tracking finalizer goes, and with it a pod being deleted
+            if pod["metadata"].get("deletionTimestamp") and is_terminal(pod):
+                self._delete_quietly("pods", pod)
         start_time = status.get("startTime") or defaults.now_iso()
-        conditions = list(status.get("conditions") or [])
         new_status: dict = {"startTime": start_time, "active": len(active), "ready": sum(map(is_ready, active)),
-                            "terminating": 0, "uncountedTerminatedPods": {}}
+                            "terminating": len(terminating), "uncountedTerminatedPods": {}}
         if succeeded:
             new_status["succeeded"] = succeeded
         if failed:
             new_status["failed"] = failed
 
         deadline = spec.get("activeDeadlineSeconds")
-        if spec.get("suspend"):
-            pass
-        elif succeeded >= spec.get("completions", 1):
-            message = "Reached expected number of succeeded pods"
-            conditions += [_condition("SuccessCriteriaMet", "CompletionsReached", message),
-                           _condition("Complete", "CompletionsReached", message)]
-            new_status.update(active=0, ready=0, completionTime=defaults.now_iso())
-        elif deadline is not None and self._past(start_time, deadline):
-            self._fail_job(job, active, conditions, new_status, "DeadlineExceeded",
-                           "Job was active longer than specified deadline")
-        elif failed > spec.get("backoffLimit", 6):
-            self._fail_job(job, active, conditions, new_status, "BackoffLimitExceeded",
-                           "Job has reached the specified backoff limit")
-        elif not active:
-            labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
-            self._create_pod(job, spec.get("template") or {}, labels)
-            new_status.update(active=1)
+        decided = _true_condition(conditions, "SuccessCriteriaMet") or _true_condition(conditions, "FailureTarget")
+        if decided is None and not spec.get("suspend"):
+            if fail_message := next((m for p in failed_pods if (m := match_pod_failure_policy(policy, p)[0])), None):
+                decided = _condition("FailureTarget", "PodFailurePolicy", fail_message)
+            elif failed > spec.get("backoffLimit", 6):
+                decided = _condition("FailureTarget", "BackoffLimitExceeded",
+                                     "Job has reached the specified backoff limit")
+            elif deadline is not None and self._past(start_time, deadline):
+                decided = _condition("FailureTarget", "DeadlineExceeded",
+                                     "Job was active longer than specified deadline")
+            elif succeeded >= spec.get("completions", 1) and not active:
+                decided = _condition("SuccessCriteriaMet", "CompletionsReached",
+                                     "Reached expected number of succeeded pods")
+            if decided is not None:
+                conditions.append(decided)
+        if decided is not None:
+            for pod in active:
+                self.emulator.delete_pod_gracefully(namespace, pod["metadata"]["name"])
+            new_status.update(active=0, ready=0, terminating=len(terminating) + len(active))
+            if new_status["terminating"] == 0:
+                self._finish_job(job, decided, conditions, new_status)
+        elif not spec.get("suspend") and not active and not (policy and terminating):
+            wait = self._failure_backoff(finished["all"])
+            if wait > 0:
+                self.schedule(wait, ("jobs", namespace, name))
+            elif self._create_job_pod(job):
+                new_status.update(active=1)
         if deadline is not None and "startTime" not in status:
             self.schedule(float(deadline) + 0.01, ("jobs", namespace, name))
         new_status["conditions"] = conditions
         self._write_status("jobs", job, new_status)
 
+    def _finish_job(self, job: dict, decided: dict, conditions: list[dict], new_status: dict) -> None:
+        final = "Complete" if decided["type"] == "SuccessCriteriaMet" else "Failed"
+        conditions.append(_condition(final, decided.get("reason", ""), decided.get("message", "")))
+        if final == "Complete":
+            new_status["completionTime"] = defaults.now_iso()
+            self.emulator.record_event(job, "Normal", "Completed", "Job completed", "job-controller")
+        else:
+            self.emulator.record_event(job, "Warning", decided.get("reason", ""), decided.get("message", ""),
+                                       "job-controller")
+
+    def _failure_backoff(self, failures: dict[str, float]) -> float:
+        """Seconds left of the pod failure back-off: 10 s after the last failure, doubling per failure
+        (job_controller.go DefaultJobPodFailureBackOff, backoff_utils.go)."""
+        if not failures:
+            return 0.0
+        delay = self.emulator.pod_failure_backoff * 2 ** (len(failures) - 1)
+        return max(0.0, max(failures.values()) + delay - time.monotonic())
+
+    def _create_job_pod(self, job: dict) -> bool:
+        """Create the Job's pod, with the events the job controller's pod control records
+        (pkg/controller/controller_utils.go: SuccessfulCreate `Created pod: x`, FailedCreate `Error creating: ...`)."""
+        spec = job.get("spec") or {}
+        labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+        try:
+            pod = self._create_pod(job, spec.get("template") or {}, labels)
+        except errors.ApiError as exc:
+            if exc.code not in (403, 422):
+                raise
+            self.emulator.record_event(job, "Warning", "FailedCreate", f"Error creating: {exc.message}",
+                                       "job-controller")
+            self.schedule(1.0, ("jobs", job["metadata"]["namespace"], job["metadata"]["name"]))
+            return False
+        self.emulator.record_event(job, "Normal", "SuccessfulCreate", f"Created pod: {pod['metadata']['name']}",
+                                   "job-controller")
+        return True
+
     @staticmethod
     def _past(start_time: str, seconds: float) -> bool:
         started = datetime.datetime.fromisoformat(start_time.replace("Z", "+00:00"))
         return datetime.datetime.now(datetime.UTC) >= started + datetime.timedelta(seconds=seconds)
-
-    def _fail_job(self, job: dict, active: list[dict], conditions: list[dict], new_status: dict,
-                  reason: str, message: str) -> None:
-        for pod in active:
-            self._delete_quietly("pods", pod)
-        conditions += [_condition("FailureTarget", reason, message), _condition("Failed", reason, message)]
-        new_status.update(active=0, ready=0)
 
     # ---------------------------------------------------------------- ReplicaSet
 

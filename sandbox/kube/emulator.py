@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from . import errors, patching, selectors
+from . import defaults, errors, kubelet, patching, selectors
 from .controllers import Controllers
-from .pods import NODE_NAME, PodHandle, PodLogs, container_names, controller_owner
+from .pods import NODE_NAME, PodHandle, PodLogs, container_names, controller_owner, is_terminal
 from .server import ApiServer, Fault, RequestRecord
 from .store import ObjectStore
 
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 PodMatcher = Callable[[dict], bool]
 PodBehaviour = Callable[[PodHandle], None]
+ImageResolver = Callable[[str], bool]
 
 
 def _has_labels(wanted: dict) -> Callable[[dict], bool]:
@@ -41,13 +42,28 @@ class KubeEmulator:
     Small Job/ReplicaSet/Deployment controllers and a pretend kubelet run the pods:
     a pod nobody registered a behaviour for runs and exits 0 (bare and Job pods) or
     becomes Ready after `rollout_delay` (pods of a ReplicaSet).
+
+    Before any behaviour runs, the pod must get past the scheduler, its Secret volumes,
+    its image pulls and its env Secrets (sandbox/kube/kubelet.py): an image runs only
+    when `image_resolver` knows it, so a sandbox installs one (sandbox/stack.py) and a
+    test that is not about images says so with `allow_any_image()`.
+    `pod_failure_backoff` is the Job controller's delay before replacing a failed pod
+    (DefaultJobPodFailureBackOff, 10 s), `image_pull_backoff` the kubelet's before
+    pulling again (pkg/kubelet/kubelet.go backOffPeriod, 10 s), `termination_seconds`
+    how long a pod being deleted takes to stop (its containers exit on SIGTERM).
     """
 
     def __init__(self, *, rollout_delay: float = 0.2, pod_start_delay: float = 0.05,
-                 job_pod_duration: float = 0.2):
+                 job_pod_duration: float = 0.2, pod_failure_backoff: float = 10.0,
+                 image_pull_backoff: float = 10.0, termination_seconds: float = 0.3):
         self.rollout_delay = rollout_delay
         self.pod_start_delay = pod_start_delay
         self.job_pod_duration = job_pod_duration
+        self.pod_failure_backoff = pod_failure_backoff
+        self.image_pull_backoff = image_pull_backoff
+        self.termination_seconds = termination_seconds
+        self.image_resolver: ImageResolver = lambda image: False
+        self.kubelet_retry_seconds = 0.5
         self.store = ObjectStore()
         self.logs = PodLogs()
         self._server = ApiServer(self)
@@ -255,10 +271,146 @@ class KubeEmulator:
 
         def run() -> None:
             try:
-                behaviour(handle)
+                if self._kubelet_admits(handle):
+                    behaviour(handle)
             except Exception:
                 log.exception("pod behaviour for %s crashed", handle)
         threading.Thread(target=run, name=f"pod-{handle.name}", daemon=True).start()
+
+    def allow_any_image(self) -> None:
+        """Every image pulls: for tests and tools that are not about images."""
+        self.image_resolver = lambda image: True
+
+    # ---------------------------------------------------------------- the scheduler and the kubelet
+
+    def record_event(self, obj: dict, kind: str, reason: str, message: str, component: str) -> dict | None:
+        """A core/v1 Event about `obj`; a repeat of the same reason and message bumps `count`, as the
+        client-go event recorder's correlator does (k8s.io/client-go tools/record/events_cache.go)."""
+        meta = obj.get("metadata") or {}
+        namespace = meta.get("namespace", "default")
+        involved = {"kind": obj.get("kind", "Pod"), "apiVersion": obj.get("apiVersion", "v1"),
+                    "name": meta.get("name", ""), "namespace": namespace, "uid": meta.get("uid", "")}
+        now = defaults.now_iso()
+        for event in self.list("events", namespace):
+            if (event.get("involvedObject") or {}).get("uid") == involved["uid"] \
+                    and event.get("reason") == reason and event.get("message") == message:
+                return self.patch("events", namespace, event["metadata"]["name"],
+                                  {"count": event.get("count", 1) + 1, "lastTimestamp": now})
+        return self.create("events", namespace, {
+            "metadata": {"generateName": f"{involved['name']}."}, "involvedObject": involved,
+            "reason": reason, "message": message, "type": kind, "source": {"component": component},
+            "reportingComponent": component, "count": 1, "firstTimestamp": now, "lastTimestamp": now})
+
+    def image_pullable(self, image: str) -> bool:
+        try:
+            return bool(self.image_resolver(image))
+        except Exception:
+            log.exception("the image resolver failed on %s", image)
+            return False
+
+    def _kubelet_admits(self, handle: PodHandle) -> bool:
+        """Schedule the pod, mount its Secrets, pull its images and resolve its env, as far as each can go.
+
+        A pod that no node fits stays Pending (PodScheduled=False, Unschedulable); one whose Secret or image
+        is missing waits (ContainerCreating, ErrImagePull/ImagePullBackOff, CreateContainerConfigError) and
+        is retried until it is deleted. True once its containers may start.
+        """
+        pod = handle.pod
+        nodes = self.list("nodes")
+        if message := kubelet.unschedulable_message(pod, nodes):
+            handle.unschedulable(message)
+            self.record_event(pod, "Warning", "FailedScheduling", message, "default-scheduler")
+            return False
+        self.record_event(pod, "Normal", "Scheduled",
+                          f"Successfully assigned {handle.namespace}/{handle.name} to {NODE_NAME}", "default-scheduler")
+
+        def get_secret(name: str) -> dict | None:
+            return self.get("secrets", handle.namespace, name)
+
+        def still_wanted() -> bool:
+            current = handle.current()
+            return current is not None and not current["metadata"].get("deletionTimestamp")
+
+        while failures := kubelet.mount_failures(pod, get_secret):
+            if not still_wanted():
+                return False
+            handle.waiting("ContainerCreating")
+            for failure in failures:
+                self.record_event(pod, "Warning", "FailedMount", failure, "kubelet")
+            time.sleep(self.kubelet_retry_seconds)
+        for container in (pod.get("spec") or {}).get("containers") or []:
+            image = container.get("image", "")
+            while not self.image_pullable(image):
+                if not still_wanted():
+                    return False
+                self.record_event(pod, "Normal", "Pulling", f'Pulling image "{image}"', "kubelet")
+                error = kubelet.pull_error(image)
+                self.record_event(pod, "Warning", "Failed", f'Failed to pull image "{image}": {error}', "kubelet")
+                self.record_event(pod, "Warning", "Failed", "Error: ErrImagePull", "kubelet")
+                handle.waiting("ErrImagePull", error)
+                time.sleep(min(1.0, self.image_pull_backoff))
+                if not still_wanted():
+                    return False
+                self.record_event(pod, "Normal", "BackOff", f'Back-off pulling image "{image}"', "kubelet")
+                self.record_event(pod, "Warning", "Failed", "Error: ImagePullBackOff", "kubelet")
+                handle.waiting("ImagePullBackOff", f'Back-off pulling image "{image}"')
+                time.sleep(self.image_pull_backoff)
+        for container in (pod.get("spec") or {}).get("containers") or []:
+            while error := kubelet.env_secret_error(pod, container, get_secret):
+                if not still_wanted():
+                    return False
+                handle.waiting("CreateContainerConfigError", error)
+                self.record_event(pod, "Warning", "Failed", f"Error: {error}", "kubelet")
+                time.sleep(self.kubelet_retry_seconds)
+        return still_wanted()
+
+    def delete_pod_gracefully(self, namespace: str, name: str) -> None:
+        """Delete a pod the way the API server and kubelet do it with a grace period: `deletionTimestamp`
+        first, its containers stop (SIGTERM, exit 143 unless they ended already), the pod turns Failed,
+        then the object goes (kubernetes/kubernetes pkg/kubelet/kubelet.go syncTerminatingPod, v1.33)."""
+        try:
+            marked = self.store.mark_deleting("pods", namespace, name)
+        except errors.ApiError as exc:
+            if exc.code == 404:
+                return
+            raise
+        grace = min(float(marked["spec"].get("terminationGracePeriodSeconds", 30)), self.termination_seconds)
+        timer = threading.Timer(grace, self._finish_termination, args=(namespace, name))
+        timer.daemon = True
+        timer.start()
+
+    def _finish_termination(self, namespace: str, name: str) -> None:
+        with self.store.lock:
+            pod = self.get("pods", namespace, name)
+            if pod is None:
+                return
+            if not is_terminal(pod):
+                PodHandle(self, pod).terminate(143, reason="Error")
+            if (controller_owner(pod) or {}).get("kind") != "Job":
+                self.delete("pods", namespace, name)
+            # a Job's pod keeps its batch.kubernetes.io/job-tracking finalizer until the Job controller has
+            # counted it (controllers.py reconcile_job deletes it then)
+
+    def evict(self, namespace: str, name: str) -> dict | None:
+        """What `POST .../pods/{name}/eviction` does to a pod no PodDisruptionBudget protects: the
+        DisruptionTarget condition (reason EvictionByEvictionAPI), then a graceful delete
+        (kubernetes/kubernetes pkg/registry/core/pod/storage/eviction.go, v1.33)."""
+        def mark(pod: dict) -> dict:
+            conditions = [c for c in (pod.get("status") or {}).get("conditions") or []
+                          if c.get("type") != "DisruptionTarget"]
+            conditions.append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
+                               "message": "Eviction API: evicting", "lastProbeTime": None,
+                               "lastTransitionTime": defaults.now_iso()})
+            pod.setdefault("status", {})["conditions"] = conditions
+            return pod
+        try:
+            evicted = self.store.mutate("pods", namespace, name, mark, subresource="status")
+        except errors.ApiError as exc:
+            if exc.code == 404:
+                return None
+            raise
+        self.delete_pod_gracefully(namespace, name)
+        return evicted
 
     def _default_behaviour(self, handle: PodHandle) -> None:
         owner = controller_owner(handle.pod) or {}

@@ -78,7 +78,18 @@ class PodHandle:
         return [(c.get("name", ""), c.get("image", "")) for c in containers]
 
     def _write_status(self, status: dict, *, scheduled: bool = True) -> dict | None:
-        """Write the pod status; a scheduled pod is also bound to the sandbox node."""
+        """Write the pod status; a scheduled pod is also bound to the sandbox node.
+
+        A pod that reached Succeeded or Failed keeps that status: the kubelet never changes a terminal
+        phase (kubernetes/kubernetes pkg/kubelet/status/status_manager.go, v1.33), e.g. a build that
+        finishes after its pod was evicted and stopped."""
+        current = self.current()
+        if current is not None and is_terminal(current):
+            return None
+        if current is not None and "conditions" in status:  # others' conditions (DisruptionTarget) stay
+            written = {c["type"] for c in status["conditions"]}
+            status["conditions"] = [c for c in (current.get("status") or {}).get("conditions") or []
+                                    if c.get("type") not in written] + status["conditions"]
         patch: dict = {"status": {"hostIP": "10.0.0.1", "podIP": "10.244.0.10", "qosClass": "BestEffort",
                                   **status}}
         if scheduled:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from aiohttp import web
 
-from . import catalog, errors, patching, protobuf, selectors, tables
+from . import catalog, defaults, errors, patching, podsecurity, protobuf, selectors, tables
 from .catalog import ResourceType
 from .pods import container_names, is_terminal
 
@@ -224,6 +224,8 @@ class ApiServer:
             return self.serve_list(rt, namespace, query, as_table)
         if route.subresource == "log" and verb == "get":
             return await self.serve_log(request, namespace, route.name, query, record)
+        if rt.plural == "pods" and route.subresource == "eviction" and verb == "create":
+            return self.serve_eviction(namespace, route.name)
         if route.subresource not in (None, "status", "scale"):
             raise errors.ApiError(404, "the server could not find the requested resource", "NotFound")
         if verb == "get":
@@ -405,6 +407,12 @@ class ApiServer:
         if rt.namespaced and body_namespace and namespace and body_namespace != namespace:
             raise errors.bad_request("the namespace of the provided object does not match the namespace sent "
                                      "on the request")
+        if rt.plural == "pods":
+            meta = obj.setdefault("metadata", {})
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + defaults.random_suffix()
+            ns = namespace or body_namespace or "default"
+            podsecurity.admit_pod(self.store.find("namespaces", None, ns), obj)
         created = self.store.create(rt.plural, namespace or body_namespace, obj, dry_run=is_dry_run(query),
                                     keep_status=False)
         return json_response(created, 201)
@@ -455,6 +463,14 @@ class ApiServer:
         result, created = self.store.apply(rt.plural, namespace, route.name, obj, manager,
                                            apply_fn=patching.server_side_apply, dry_run=is_dry_run(query))
         return json_response(result, 201 if created else 200)
+
+    def serve_eviction(self, namespace: str | None, name: str | None) -> web.Response:
+        """The Eviction API for a pod no PodDisruptionBudget covers: 201 with a Success Status
+        (kubernetes/kubernetes pkg/registry/core/pod/storage/eviction.go, v1.33)."""
+        self.store.get("pods", namespace, name)
+        self.emulator.evict(namespace or "default", name)
+        return json_response({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                              "code": 201}, 201)
 
     def serve_delete(self, rt: ResourceType, namespace: str | None, name: str | None, body: Any,
                      query: dict) -> web.Response:

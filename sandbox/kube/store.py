@@ -250,7 +250,7 @@ class ObjectStore:
         meta["resourceVersion"] = self._next_rv()
         self._objects[key] = new
         self._emit("MODIFIED", rt.plural, new, current)
-        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+        if meta.get("deletionTimestamp") and not meta.get("finalizers") and old_meta.get("finalizers"):
             self._remove(key)
         return copy.deepcopy(new)
 
@@ -295,6 +295,25 @@ class ObjectStore:
             if plural == "namespaces":
                 self._delete_namespace_contents(name)
             return removed
+
+    def mark_deleting(self, plural: str, namespace: str | None, name: str, grace_seconds: int | None = None) -> dict:
+        """A graceful delete's first step: set `deletionTimestamp` and keep the object until its
+        owner of the grace period (the kubelet, for a pod) deletes it for good."""
+        rt = resource_type(plural)
+        with self.lock:
+            current = self._current(rt, namespace, name)
+            if current["metadata"].get("deletionTimestamp"):
+                return copy.deepcopy(current)
+            marked = copy.deepcopy(current)
+            grace = grace_seconds if grace_seconds is not None else \
+                (marked.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+            marked["metadata"]["deletionTimestamp"] = defaults.now_iso()
+            marked["metadata"]["deletionGracePeriodSeconds"] = grace
+            marked["metadata"]["resourceVersion"] = self._next_rv()
+            key = self.key(rt, current["metadata"].get("namespace"), name)
+            self._objects[key] = marked
+            self._emit("MODIFIED", plural, marked, current)
+            return copy.deepcopy(marked)
 
     def _remove(self, key: Key) -> dict:
         obj = self._objects.pop(key)
