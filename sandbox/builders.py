@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from sandbox.aws import AwsSandbox
 from sandbox.kube import KubeEmulator, PodHandle
+from sandbox.kube.containerfs import ContainerFS, Node
 
 MiB = 1 << 20
 OCI = {"manifest": "application/vnd.oci.image.manifest.v1+json",
@@ -272,7 +273,12 @@ class SimulatedBuilder:
     first RUN step with that text, and `kills` kills the container when the first
     RUN step has started: exit code 137 with that termination reason (`OOMKilled`,
     or `Error` for a SIGKILL from elsewhere), nothing written. `builds` records
-    each build that pushed, with its start and end.
+    each build that succeeded, with its start and end.
+
+    The container works on a model of its filesystem (sandbox/kube/containerfs.py)
+    with the image's directories (`image_filesystem`) and the kubelet's mounts; its
+    termination message is whatever it wrote to the termination-message file, so a
+    failed build, which writes nothing there, has none.
     """
 
     emulator: KubeEmulator
@@ -287,31 +293,48 @@ class SimulatedBuilder:
     def recognises(pod: dict) -> bool:
         raise NotImplementedError
 
+    @staticmethod
+    def image_filesystem(image: str) -> tuple[dict[str, Node], int]:
+        """The image's directories and the uid it runs as."""
+        raise NotImplementedError
+
     def install(self) -> None:
         self.emulator.on_pod(self.recognises, self.run)
 
     def run(self, handle: PodHandle) -> None:
         handle.running()
         started = time.monotonic()
+        container = (handle.pod["spec"].get("containers") or [{}])[0]
+        nodes, uid = self.image_filesystem(container.get("image", ""))
+        fs = ContainerFS.for_container(handle.pod, container, nodes, uid)
         try:
-            record = self._build(handle)
+            status = self._main(handle, fs, started)
         except Killed as exc:
             handle.terminate(137, reason=exc.reason)
             return
+        handle.terminate(status, message=fs.termination_message())
+
+    def _main(self, handle: PodHandle, fs: ContainerFS, started: float) -> int:
+        """The container's process, the builder being its entrypoint: its exit status."""
+        try:
+            record = self._build(handle, fs)
+        except Killed:
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure, expected or not, fails the build, as in a real pod
-            line, message = self._failure(exc)
-            handle.log(line)
-            handle.terminate(1, message=message)
-            return
+            handle.log(self._failure(exc))
+            return 1
+        self._record(record, started)
+        return 0
+
+    def _record(self, record: dict, started: float) -> None:
         record["started"], record["ended"] = started, time.monotonic()
         record["seconds"] = record["ended"] - started
         self.builds.append(record)
-        handle.terminate(0, message=record["termination_message"])
 
-    def _build(self, handle: PodHandle) -> dict:
-        """Check the contract and build; the record must carry the `termination_message` to write."""
+    def _build(self, handle: PodHandle, fs: ContainerFS) -> dict:
+        """Check the contract and build, writing what the builder writes into `fs`; the record of the build."""
         raise NotImplementedError
 
-    def _failure(self, exc: Exception) -> tuple[str, str]:
-        """The last log line and the termination message of a build that failed with `exc`."""
+    def _failure(self, exc: Exception) -> str:
+        """The last log line of a build that failed with `exc`."""
         raise NotImplementedError

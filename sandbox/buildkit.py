@@ -18,6 +18,8 @@ import base64
 import csv
 import hashlib
 import json
+import posixpath
+import random
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -39,7 +41,18 @@ from sandbox.builders import (
     unpack,
 )
 from sandbox.kube import PodHandle
+from sandbox.kube.containerfs import ContainerFS, Node, go_strerror
+from sandbox.shell import Process, run_argv
 
+# moby/buildkit v0.31.2 Dockerfile: both images are Alpine (/tmp 1777); the privileged one runs as root, the
+# rootless one as USER 1000:1000 with HOME=/home/user and these directories chowned to it. /dev is the runtime's
+# tmpfs, root 0755 (containerd pkg/oci/spec.go populateDefaultUnixSpec: "mode=755").
+IMAGE_ENTRYPOINT = ["buildkitd"]  # rootless: ["rootlesskit", "buildkitd"]; neither is a build
+_COMMON = {"/tmp": Node(0, 0o1777), "/dev": Node(0, 0o755), "/usr/bin": Node(), "/etc": Node(), "/run": Node()}
+PRIVILEGED_IMAGE = {**_COMMON, "/var/lib/buildkit": Node(), "/root": Node(0, 0o700)}
+ROOTLESS_IMAGE = {**_COMMON, "/home/user": Node(1000, 0o755), "/home/user/.local": Node(1000, 0o755),
+                  "/home/user/.local/tmp": Node(1000, 0o755), "/home/user/.local/share": Node(1000, 0o755),
+                  "/home/user/.local/share/buildkit": Node(1000, 0o755), "/run/user/1000": Node(1000, 0o700)}
 ECR_CACHE_ATTRIBUTES = ("type=registry", "mode=max", "image-manifest=true", "oci-mediatypes=true")
 
 
@@ -130,21 +143,58 @@ class SimulatedBuildKit(SimulatedBuilder):
 
     recognises = staticmethod(is_buildkit_pod)
 
-    def _failure(self, exc: Exception) -> tuple[str, str]:
-        if isinstance(exc, ContractError):
-            return f"error: failed to solve: {exc}", f"error: failed to solve: {exc}"
-        return f"error: sandbox buildkit: {type(exc).__name__}: {exc}", f"error: {exc}"
+    @staticmethod
+    def image_filesystem(image: str) -> tuple[dict[str, Node], int]:
+        return (ROOTLESS_IMAGE, 1000) if image.endswith("-rootless") else (PRIVILEGED_IMAGE, 0)
 
-    def _build(self, handle: PodHandle) -> dict:
+    def _failure(self, exc: Exception) -> str:
+        if isinstance(exc, ContractError):
+            return f"error: failed to solve: {exc}"
+        return f"error: sandbox buildkit: {type(exc).__name__}: {exc}"
+
+    def _main(self, handle: PodHandle, fs: ContainerFS, started: float) -> int:
+        """The container's argv (`command` + `args`) run as the image would: `/bin/sh -c` through the shell model,
+        `buildctl-daemonless.sh` as the simulated build."""
+        try:
+            container = _single_container(handle.pod["spec"])
+        except ContractError as exc:
+            handle.log(self._failure(exc))
+            return 1
+        env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+        argv = [*(container.get("command") or IMAGE_ENTRYPOINT), *container.get("args", [])]
+        programs = {"buildctl-daemonless.sh": lambda process: self._buildctl(handle, process, started)}
+        return run_argv(argv, fs, env, programs, handle.log)
+
+    def _buildctl(self, handle: PodHandle, process: Process, started: float) -> int:
+        """`buildctl-daemonless.sh build ...`: the script's exit status is buildctl's (moby/buildkit v0.31.2
+        examples/buildctl-daemonless/buildctl-daemonless.sh ends with `$BUILDCTL ... "$@"` under `set -eu`)."""
+        if process.args[:1] != ["build"]:
+            handle.log(f"sandbox buildkit: only `buildctl build` is modelled, not {process.args[:1]}")
+            return 1
+        try:
+            record = self._build(handle, process)
+        except Killed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure fails the build, as in a real pod
+            handle.log(self._failure(exc))
+            return 1
+        if record["metadata_file"]:
+            try:
+                atomic_write_file(process.fs, record["metadata_file"], record["metadata_json"].encode())
+            except OSError as exc:  # cmd/buildctl/main.go handleErr: `error: %v`, exit 1
+                handle.log(f"error: {go_error(exc)}")
+                return 1
+        self._record(record, started)
+        return 0
+
+    def _build(self, handle: PodHandle, process: Process) -> dict:
         container = _single_container(handle.pod["spec"])
         _check_security(container)
-        args = parse_buildctl(container["args"][1:])
-        if args.metadata_file != container.get("terminationMessagePath", "/dev/termination-log"):
-            raise ContractError("--metadata-file must be the termination message path")
+        args = parse_buildctl(process.args[1:])
         if args.progress != "rawjson":
             raise ContractError("--progress=rawjson is what the flow parses into step timings")
         _check_cache_flags(args)
-        auth = self._mounted_registry_auth(handle, container)
+        auth = self._mounted_registry_auth(handle, container, process.env)
         secrets = {id_: self._mounted_secret(handle, container, id_, src) for id_, src in args.secrets.items()}
         names = args.output.get("name", "").split(",")
         repository = names[0].rsplit(":", 1)[0]
@@ -193,6 +243,9 @@ class SimulatedBuildKit(SimulatedBuilder):
             self.exported_caches.add(args.export_cache.split("ref=")[1].split(",")[0])
         metadata = {"containerimage.digest": digest, "image.name": ",".join(names)}
         return {
+            "metadata_file": args.metadata_file,
+            # writeMetadataFile: json.MarshalIndent(out, "", "  "); Go sorts map keys
+            "metadata_json": json.dumps(metadata, indent=2, sort_keys=True),
             "pod": handle.name,
             "context_url": args.opts["context"],
             "names": names,
@@ -200,11 +253,9 @@ class SimulatedBuildKit(SimulatedBuilder):
             "secrets": {id_: hashlib.sha256(value).hexdigest() for id_, value in secrets.items()},
             "cache_imported": cache_ready,
             "metadata": metadata,
-            "termination_message": json.dumps(metadata),
         }
 
-    def _mounted_registry_auth(self, handle: PodHandle, container: dict) -> dict[str, str]:
-        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    def _mounted_registry_auth(self, handle: PodHandle, container: dict, env: dict[str, str]) -> dict[str, str]:
         config_dir = env.get("DOCKER_CONFIG")
         if not config_dir:
             raise ContractError("DOCKER_CONFIG is not set: buildctl will find no registry credentials")
@@ -234,10 +285,7 @@ def _single_container(spec: dict) -> dict:
         raise ContractError("the build pod must have no init containers")
     if len(spec["containers"]) != 1:
         raise ContractError("the build pod must have exactly one container")
-    container = spec["containers"][0]
-    if container.get("command") != ["buildctl-daemonless.sh"] or container["args"][0] != "build":
-        raise ContractError(f"unexpected command {container.get('command')} {container.get('args', [])[:1]}")
-    return container
+    return spec["containers"][0]
 
 
 def _check_security(container: dict) -> None:
@@ -283,3 +331,21 @@ def _check_layout(archive: bytes, filename: str, contextsubdir: str) -> tuple[di
     if contextsubdir and contextsubdir not in tree:
         raise ContractError(f"contextsubdir {contextsubdir!r} not found in the context")
     return tree, tree[filename].decode()
+
+
+def atomic_write_file(fs: ContainerFS, filename: str, data: bytes) -> None:
+    """containerd/continuity ioutils.go AtomicWriteFile (vendored in moby/buildkit v0.31.2): os.CreateTemp in the
+    target's folder (pattern `.tmp-<base>`, a random decimal appended), chmod, write, then rename onto the target."""
+    directory, base = posixpath.split(posixpath.normpath(filename))
+    temp = posixpath.join(directory, f".tmp-{base}{random.getrandbits(32)}")
+    fs.create_exclusive(temp, 0o600)
+    fs.chmod(temp, 0o666)
+    fs.write(temp, data)
+    fs.rename(temp, filename)
+
+
+def go_error(exc: OSError) -> str:
+    """Go's *PathError (`open F: ...`) or, for a rename, *LinkError (`rename OLD NEW: ...`)."""
+    if exc.filename2:
+        return f"rename {exc.filename} {exc.filename2}: {go_strerror(exc.errno)}"
+    return f"open {exc.filename}: {go_strerror(exc.errno)}"
