@@ -124,7 +124,10 @@ def _cache_flags(request: BuildRequest) -> list[str]:
     if request.cache_repository is None:
         return ["--no-cache"] if request.no_cache else []
     cache_ref = f"{request.cache_repository}:{BUILDKIT_CACHE_TAG}"
-    export = f"type=registry,ref={cache_ref},mode=max,image-manifest=true,oci-mediatypes=true"
+    # ignore-error=true: a refused cache export (e.g. an immutable `buildcache` tag) costs the cache, not the build,
+    # whose image is already pushed (moby/buildkit v0.31.2 README: default false; solver/llbsolver/export.go
+    # runCacheExporters drops the error, the "exporting cache to registry" step still ends with it)
+    export = f"type=registry,ref={cache_ref},mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true"
     if request.no_cache:
         return ["--no-cache", "--export-cache", export]
     return ["--export-cache", export, "--import-cache", f"type=registry,ref={cache_ref}"]

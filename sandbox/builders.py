@@ -235,6 +235,37 @@ def push_manifest(aws: AwsSandbox, region: str, name: str, manifest: str, digest
     return True
 
 
+def push_cache_manifest(aws: AwsSandbox, region: str, name: str, manifest: str, digest: str) -> str | None:
+    """PUT a registry cache manifest under its tag; None when ECR takes it, else the error BuildKit reports.
+
+    ECR answers a registry error body (code TAG_INVALID for an immutable tag, as `docker push` prints it: "tag
+    invalid: The image tag '<tag>' already exists in the '<repo>' repository and cannot be overwritten because the
+    repository is immutable."; NAME_UNKNOWN for a missing repository). BuildKit v0.31.2 formats it with
+    util/errutil WithDetails as `<code>: <message>`, and containerd's remotes/docker/errdesc.go knows neither
+    code, so both read `unknown: ...`. ECR refuses any existing tag of an immutable repository, even one that
+    names the same digest; moto's ImageAlreadyExistsException stands for that refusal here.
+    """
+    ecr = aws.client("ecr", region)
+    registry, repository, tag = split_name(name)
+    try:
+        [found] = ecr.describe_repositories(repositoryNames=[repository])["repositories"]
+    except ecr.exceptions.RepositoryNotFoundException:
+        return (f"unknown: The repository with name '{repository}' does not exist in the registry with id "
+                f"'{registry.split('.', 1)[0]}'")
+    if found.get("imageTagMutability") == "IMMUTABLE":
+        try:
+            ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])
+            return (f"unknown: The image tag '{tag}' already exists in the '{repository}' repository and cannot be "
+                    "overwritten because the repository is immutable.")
+        except ecr.exceptions.ImageNotFoundException:
+            pass
+    try:
+        ecr.put_image(repositoryName=repository, imageManifest=manifest, imageTag=tag, imageDigest=digest)
+    except ecr.exceptions.ImageAlreadyExistsException:
+        pass  # the same manifest under the same tag: nothing changes
+    return None
+
+
 class Pace:
     """A build's simulated seconds spread over its steps, so that the pod's whole run takes that long.
 
@@ -272,7 +303,8 @@ class SimulatedBuilder:
     `build_seconds` is how long the pod runs (see `Pace`), `failures` fails the
     first RUN step with that text, and `kills` kills the container when the first
     RUN step has started: exit code 137 with that termination reason (`OOMKilled`,
-    or `Error` for a SIGKILL from elsewhere), nothing written. `builds` records
+    or `Error` for a SIGKILL from elsewhere), nothing written. `run_output` is
+    what the first RUN step prints (e.g. one 1 MiB line). `builds` records
     each build that succeeded, with its start and end.
 
     The container works on a model of its filesystem (sandbox/kube/containerfs.py)
@@ -287,6 +319,7 @@ class SimulatedBuilder:
     build_seconds: dict[str, float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     kills: dict[str, str] = field(default_factory=dict)
+    run_output: dict[str, str] = field(default_factory=dict)
     builds: list[dict] = field(default_factory=list)
 
     @staticmethod

@@ -37,6 +37,7 @@ from sandbox.builders import (
     image_manifest,
     minted_token,
     mounted_secret_file,
+    push_cache_manifest,
     push_manifest,
     unpack,
 )
@@ -100,6 +101,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+LOG_PIECE = 32 * 1024
+STATUS_LOG_BYTES = 1024 * 1024
+
+
+def _log_statuses(output: bytes) -> list[list[bytes]]:
+    """A step's output as buildkitd sends it: written in pieces, grouped into status messages the way moby/buildkit
+    v0.31.2 client/status.go `SolveStatus.Marshal` splits them: logs accumulate until their size passes 1 MiB
+    (the piece that passes it included); its counter is never reset, so after that each status carries one log."""
+    pieces = [output[i:i + LOG_PIECE] for i in range(0, len(output), LOG_PIECE)]
+    statuses, current, size = [], [], 0
+    for piece in pieces:
+        current.append(piece)
+        size += len(piece)
+        if size > STATUS_LOG_BYTES:
+            statuses.append(current)
+            current = []
+    return statuses + ([current] if current else [])
+
+
 class RawJsonProgress:
     """Writes BuildKit `SolveStatus` lines, one per update, as `buildctl --progress=rawjson` does."""
 
@@ -123,9 +143,9 @@ class RawJsonProgress:
             self._emit({"vertexes": [{**vertex, "completed": started, "cached": True}]})
             return
         self._emit({"vertexes": [vertex]})
-        if output:
-            data = base64.b64encode(output.encode()).decode()
-            self._emit({"logs": [{"vertex": digest, "stream": 1, "data": data, "timestamp": _now()}]})
+        for logs in _log_statuses(output.encode()):
+            self._emit({"logs": [{"vertex": digest, "stream": 1, "data": base64.b64encode(piece).decode(),
+                                  "timestamp": _now()} for piece in logs]})
         time.sleep(seconds)
         self._emit({"vertexes": [{**vertex, "completed": _now(), **({"error": error} if error else {})}]})
 
@@ -223,6 +243,9 @@ class SimulatedBuildKit(SimulatedBuilder):
             if failure and instruction.startswith("RUN"):
                 progress.step(name, output=failure + "\n", error=failure, seconds=pace.step())
                 raise ContractError(failure)
+            if instruction.startswith("RUN") and repository in self.run_output:
+                progress.step(name, output=self.run_output[repository], seconds=pace.step())
+                continue
             cached = cache_ready and not instruction.startswith("COPY")
             progress.step(name, cached=cached, seconds=pace.step(cached=cached))
         if failure:
@@ -240,7 +263,7 @@ class SimulatedBuildKit(SimulatedBuilder):
         self._push(names, manifest, digest)
         progress.step("exporting to image", output=f"pushing manifest for {names[0]}@{digest} done\n")
         if args.export_cache:
-            self.exported_caches.add(args.export_cache.split("ref=")[1].split(",")[0])
+            self._export_cache(progress, args.export_cache, steps)
         metadata = {"containerimage.digest": digest, "image.name": ",".join(names)}
         return {
             "metadata_file": args.metadata_file,
@@ -254,6 +277,24 @@ class SimulatedBuildKit(SimulatedBuilder):
             "cache_imported": cache_ready,
             "metadata": metadata,
         }
+
+    def _export_cache(self, progress: RawJsonProgress, export: str, steps: list) -> None:
+        """The registry cache exporter (moby/buildkit v0.31.2 solver/llbsolver/export.go runCacheExporters, vertex
+        "exporting cache to registry"; cache/remotecache/export.go Finalize writes layers, config, then the cache
+        image manifest under the ref's tag). A refused manifest fails the build unless `ignore-error` is true
+        (control/control.go parses it with strconv.ParseBool; an invalid value is skipped, so false)."""
+        attributes = dict(part.partition("=")[::2] for part in export.split(","))
+        ref = attributes["ref"]
+        ignore_error = attributes.get("ignore-error") in ("1", "t", "T", "TRUE", "true", "True")
+        manifest, digest = image_manifest(steps, {"cache": ref}, "", OCI)
+        refused = push_cache_manifest(self.aws, self.region, ref, manifest, digest)
+        error = f"error writing manifest blob: {refused}" if refused else None
+        progress.step("exporting cache to registry",
+                      output=f"writing cache image manifest {digest}{' done' if not refused else ''}\n", error=error)
+        if refused and not ignore_error:
+            raise ContractError(error)
+        if not refused:
+            self.exported_caches.add(ref)
 
     def _mounted_registry_auth(self, handle: PodHandle, container: dict, env: dict[str, str]) -> dict[str, str]:
         config_dir = env.get("DOCKER_CONFIG")

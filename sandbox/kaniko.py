@@ -437,6 +437,8 @@ class SimulatedKaniko(SimulatedBuilder):
                     for output in failure.splitlines():
                         log.raw(output)
                     raise Exited(RUN_FAILED)
+                for output in self.run_output.get(repository, "").splitlines():  # the command's own stdout
+                    log.raw(output)
                 log.info("Taking snapshot of full filesystem...")
                 if cache_repo and flags["cache-run-layers"]:
                     cache_errors += self._push_to_cache(step, cache_repo, int(flags["push-retry"]), log)
