@@ -6,10 +6,13 @@ container, downloads the presigned context URL, checks the archive layout the
 dockerfile frontend expects, checks the mounted registry config against a token
 minted from the same account, reads the mounted build secrets, "pushes" the
 image (an OCI manifest with one layer per FROM/RUN/COPY/ADD, see
-sandbox/builders.py) to the sandbox ECR, and writes buildctl's metadata JSON as
-the termination message. Progress goes to the log as `--progress=rawjson` lines. A
-broken contract, or a failure a test asks for, fails the pod with the text real
-BuildKit prints.
+sandbox/builders.py) to the sandbox ECR, exports the registry cache, and writes
+buildctl's metadata file the way buildctl does (a temp file renamed onto it) into
+the container's filesystem model; only what the container's command copies into
+the termination-message file becomes the termination message. The container's
+`command` runs through the small `/bin/sh` model (sandbox/shell.py). Progress goes
+to the log as `--progress=rawjson` lines. A broken contract, or a failure a test
+asks for, fails the pod with the text real BuildKit prints.
 """
 
 from __future__ import annotations
