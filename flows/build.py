@@ -2,7 +2,8 @@
 
 The Job has a single container running `buildctl-daemonless.sh`: buildkitd
 starts inside it, the dockerfile frontend downloads the context from the
-presigned URL, and `--metadata-file` writes the push result to the container's
+presigned URL, and `--metadata-file` writes the push result to a file under
+/tmp, which a successful build then copies into the container's
 termination-message path, so the digest comes back through the Pod status.
 The Pod needs no AWS identity: it reads through the URL and pushes with the
 registry Secret mounted as `$DOCKER_CONFIG/config.json`.
@@ -18,6 +19,14 @@ from flows.config import Builder, BuildSpec
 from flows.package import PackagedContext
 
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+# buildctl writes --metadata-file atomically, a temp file in its folder renamed onto it (moby/buildkit v0.31.2
+# cmd/buildctl/build.go writeMetadataFile -> continuity.AtomicWriteFile); a rename onto the kubelet's bind mount at
+# the termination-message path fails with EBUSY, and uid 1000 may not create files in /dev. /tmp is writable for
+# root and uid 1000 in both images (buildctl-daemonless.sh itself runs `mktemp -d /tmp/...`).
+METADATA_FILE = "/tmp/buildctl-metadata.json"
+# Both images are Alpine with BusyBox's /bin/sh and cat (moby/buildkit v0.31.2 Dockerfile). `&&` keeps
+# buildctl's exit status when it fails; `>` is a plain write, which a bind-mounted file accepts.
+BUILD_SCRIPT = f'buildctl-daemonless.sh "$@" && cat {METADATA_FILE} > {TERMINATION_MESSAGE_PATH}'
 DOCKER_CONFIG_DIR = "/buildkit/docker-config"
 BUILD_SECRETS_DIR = "/run/build-secrets"
 CONTEXT_URL_PLACEHOLDER = "<presigned-url>"
@@ -118,7 +127,10 @@ def _cache_flags(request: BuildRequest) -> list[str]:
     if request.cache_repository is None:
         return ["--no-cache"] if request.no_cache else []
     cache_ref = f"{request.cache_repository}:{BUILDKIT_CACHE_TAG}"
-    export = f"type=registry,ref={cache_ref},mode=max,image-manifest=true,oci-mediatypes=true"
+    # ignore-error=true: a refused cache export (e.g. an immutable `buildcache` tag) costs the cache, not the build,
+    # whose image is already pushed (moby/buildkit v0.31.2 README: default false; solver/llbsolver/export.go
+    # runCacheExporters drops the error, the "exporting cache to registry" step still ends with it)
+    export = f"type=registry,ref={cache_ref},mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true"
     if request.no_cache:
         return ["--no-cache", "--export-cache", export]
     return ["--export-cache", export, "--import-cache", f"type=registry,ref={cache_ref}"]
@@ -139,7 +151,7 @@ def buildctl_args(request: BuildRequest) -> list[str]:
         *[arg for s in request.secrets for arg in ("--secret", f"id={s.id},src={BUILD_SECRETS_DIR}/{s.id}")],
         *_cache_flags(request),
         "--output", f'type=image,"name={names}",push=true',
-        "--metadata-file", TERMINATION_MESSAGE_PATH,
+        "--metadata-file", METADATA_FILE,
         "--progress=rawjson",
     ]
 
@@ -258,7 +270,7 @@ def build_job_manifest(request: BuildRequest) -> dict:
     container = {
         "name": CONTAINER,
         "image": buildkit_image(settings),
-        "command": ["buildctl-daemonless.sh"],
+        "command": ["/bin/sh", "-c", BUILD_SCRIPT, "buildctl-daemonless.sh"],
         "args": buildctl_args(request),
         "env": [{"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_DIR}, *mode_env],
         "securityContext": container_security,

@@ -199,10 +199,30 @@ async def _follow_pod_log(api: client.ApiClient, namespace: str, pod: str, on_li
         pod, namespace, follow=True, _preload_content=False
     )
     try:
-        async for raw in response.content:
-            on_line(raw.decode(errors="replace").rstrip("\n"))
+        await read_lines(response.content, on_line)
     finally:
         response.release()
+
+
+async def read_lines(stream, on_line: Callable[[str], None]) -> None:
+    """Hand `on_line` every line of a byte stream, however long.
+
+    Iterating an aiohttp StreamReader reads lines with `readuntil`, which raises
+    LineTooLong past twice the client's read buffer (aiohttp 3.14 streams.py;
+    kubernetes_asyncio sets `read_bufsize=2**21`, so 4 MiB) and ends the follow,
+    losing every later line. Chunks are split here instead, with no limit.
+    """
+    pending: list[bytes] = []
+    async for chunk in stream.iter_any():
+        if b"\n" not in chunk:
+            pending.append(chunk)
+            continue
+        first, *lines, rest = chunk.split(b"\n")
+        for line in (b"".join([*pending, first]), *lines):
+            on_line(line.decode(errors="replace"))
+        pending = [rest] if rest else []
+    if pending:
+        on_line(b"".join(pending).decode(errors="replace"))
 
 
 class Stuck(BaseModel):
@@ -294,6 +314,7 @@ async def _job_or_stuck(api: client.ApiClient, namespace: str, name: str, resour
         for task in (waiter, guard):
             task.cancel()
         await asyncio.gather(waiter, guard, return_exceptions=True)
+
 
 
 async def _pods(api: client.ApiClient, namespace: str, job: str) -> list[dict]:

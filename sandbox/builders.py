@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from sandbox.aws import AwsSandbox
 from sandbox.kube import KubeEmulator, PodHandle
+from sandbox.kube.containerfs import ContainerFS, Node
 
 MiB = 1 << 20
 OCI = {"manifest": "application/vnd.oci.image.manifest.v1+json",
@@ -234,6 +235,37 @@ def push_manifest(aws: AwsSandbox, region: str, name: str, manifest: str, digest
     return True
 
 
+def push_cache_manifest(aws: AwsSandbox, region: str, name: str, manifest: str, digest: str) -> str | None:
+    """PUT a registry cache manifest under its tag; None when ECR takes it, else the error BuildKit reports.
+
+    ECR answers a registry error body (code TAG_INVALID for an immutable tag, as `docker push` prints it: "tag
+    invalid: The image tag '<tag>' already exists in the '<repo>' repository and cannot be overwritten because the
+    repository is immutable."; NAME_UNKNOWN for a missing repository). BuildKit v0.31.2 formats it with
+    util/errutil WithDetails as `<code>: <message>`, and containerd's remotes/docker/errdesc.go knows neither
+    code, so both read `unknown: ...`. ECR refuses any existing tag of an immutable repository, even one that
+    names the same digest; moto's ImageAlreadyExistsException stands for that refusal here.
+    """
+    ecr = aws.client("ecr", region)
+    registry, repository, tag = split_name(name)
+    try:
+        [found] = ecr.describe_repositories(repositoryNames=[repository])["repositories"]
+    except ecr.exceptions.RepositoryNotFoundException:
+        return (f"unknown: The repository with name '{repository}' does not exist in the registry with id "
+                f"'{registry.split('.', 1)[0]}'")
+    if found.get("imageTagMutability") == "IMMUTABLE":
+        try:
+            ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])
+            return (f"unknown: The image tag '{tag}' already exists in the '{repository}' repository and cannot be "
+                    "overwritten because the repository is immutable.")
+        except ecr.exceptions.ImageNotFoundException:
+            pass
+    try:
+        ecr.put_image(repositoryName=repository, imageManifest=manifest, imageTag=tag, imageDigest=digest)
+    except ecr.exceptions.ImageAlreadyExistsException:
+        pass  # the same manifest under the same tag: nothing changes
+    return None
+
+
 class Pace:
     """A build's simulated seconds spread over its steps, so that the pod's whole run takes that long.
 
@@ -271,8 +303,14 @@ class SimulatedBuilder:
     `build_seconds` is how long the pod runs (see `Pace`), `failures` fails the
     first RUN step with that text, and `kills` kills the container when the first
     RUN step has started: exit code 137 with that termination reason (`OOMKilled`,
-    or `Error` for a SIGKILL from elsewhere), nothing written. `builds` records
-    each build that pushed, with its start and end.
+    or `Error` for a SIGKILL from elsewhere), nothing written. `run_output` is
+    what the first RUN step prints (e.g. one 1 MiB line). `builds` records
+    each build that succeeded, with its start and end.
+
+    The container works on a model of its filesystem (sandbox/kube/containerfs.py)
+    with the image's directories (`image_filesystem`) and the kubelet's mounts; its
+    termination message is whatever it wrote to the termination-message file, so a
+    failed build, which writes nothing there, has none.
     """
 
     emulator: KubeEmulator
@@ -281,10 +319,16 @@ class SimulatedBuilder:
     build_seconds: dict[str, float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     kills: dict[str, str] = field(default_factory=dict)
+    run_output: dict[str, str] = field(default_factory=dict)
     builds: list[dict] = field(default_factory=list)
 
     @staticmethod
     def recognises(pod: dict) -> bool:
+        raise NotImplementedError
+
+    @staticmethod
+    def image_filesystem(image: str) -> tuple[dict[str, Node], int]:
+        """The image's directories and the uid it runs as."""
         raise NotImplementedError
 
     def install(self) -> None:
@@ -293,25 +337,37 @@ class SimulatedBuilder:
     def run(self, handle: PodHandle) -> None:
         handle.running()
         started = time.monotonic()
+        container = (handle.pod["spec"].get("containers") or [{}])[0]
+        nodes, uid = self.image_filesystem(container.get("image", ""))
+        fs = ContainerFS.for_container(handle.pod, container, nodes, uid)
         try:
-            record = self._build(handle)
+            status = self._main(handle, fs, started)
         except Killed as exc:
             handle.terminate(137, reason=exc.reason)
             return
+        handle.terminate(status, message=fs.termination_message())
+
+    def _main(self, handle: PodHandle, fs: ContainerFS, started: float) -> int:
+        """The container's process, the builder being its entrypoint: its exit status."""
+        try:
+            record = self._build(handle, fs)
+        except Killed:
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure, expected or not, fails the build, as in a real pod
-            line, message = self._failure(exc)
-            handle.log(line)
-            handle.terminate(1, message=message)
-            return
+            handle.log(self._failure(exc))
+            return 1
+        self._record(record, started)
+        return 0
+
+    def _record(self, record: dict, started: float) -> None:
         record["started"], record["ended"] = started, time.monotonic()
         record["seconds"] = record["ended"] - started
         self.builds.append(record)
-        handle.terminate(0, message=record["termination_message"])
 
-    def _build(self, handle: PodHandle) -> dict:
-        """Check the contract and build; the record must carry the `termination_message` to write."""
+    def _build(self, handle: PodHandle, fs: ContainerFS) -> dict:
+        """Check the contract and build, writing what the builder writes into `fs`; the record of the build."""
         raise NotImplementedError
 
-    def _failure(self, exc: Exception) -> tuple[str, str]:
-        """The last log line and the termination message of a build that failed with `exc`."""
+    def _failure(self, exc: Exception) -> str:
+        """The last log line of a build that failed with `exc`."""
         raise NotImplementedError

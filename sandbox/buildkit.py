@@ -6,10 +6,13 @@ container, downloads the presigned context URL, checks the archive layout the
 dockerfile frontend expects, checks the mounted registry config against a token
 minted from the same account, reads the mounted build secrets, "pushes" the
 image (an OCI manifest with one layer per FROM/RUN/COPY/ADD, see
-sandbox/builders.py) to the sandbox ECR, and writes buildctl's metadata JSON as
-the termination message. Progress goes to the log as `--progress=rawjson` lines. A
-broken contract, or a failure a test asks for, fails the pod with the text real
-BuildKit prints.
+sandbox/builders.py) to the sandbox ECR, exports the registry cache, and writes
+buildctl's metadata file the way buildctl does (a temp file renamed onto it) into
+the container's filesystem model; only what the container's command copies into
+the termination-message file becomes the termination message. The container's
+`command` runs through the small `/bin/sh` model (sandbox/shell.py). Progress goes
+to the log as `--progress=rawjson` lines. A broken contract, or a failure a test
+asks for, fails the pod with the text real BuildKit prints.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import base64
 import csv
 import hashlib
 import json
+import posixpath
+import random
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -35,11 +40,23 @@ from sandbox.builders import (
     image_manifest,
     minted_token,
     mounted_secret_file,
+    push_cache_manifest,
     push_manifest,
     unpack,
 )
 from sandbox.kube import PodHandle
+from sandbox.kube.containerfs import ContainerFS, Node, go_strerror
+from sandbox.shell import Process, run_argv
 
+# moby/buildkit v0.31.2 Dockerfile: both images are Alpine (/tmp 1777); the privileged one runs as root, the
+# rootless one as USER 1000:1000 with HOME=/home/user and these directories chowned to it. /dev is the runtime's
+# tmpfs, root 0755 (containerd pkg/oci/spec.go populateDefaultUnixSpec: "mode=755").
+IMAGE_ENTRYPOINT = ["buildkitd"]  # rootless: ["rootlesskit", "buildkitd"]; neither is a build
+_COMMON = {"/tmp": Node(0, 0o1777), "/dev": Node(0, 0o755), "/usr/bin": Node(), "/etc": Node(), "/run": Node()}
+PRIVILEGED_IMAGE = {**_COMMON, "/var/lib/buildkit": Node(), "/root": Node(0, 0o700)}
+ROOTLESS_IMAGE = {**_COMMON, "/home/user": Node(1000, 0o755), "/home/user/.local": Node(1000, 0o755),
+                  "/home/user/.local/tmp": Node(1000, 0o755), "/home/user/.local/share": Node(1000, 0o755),
+                  "/home/user/.local/share/buildkit": Node(1000, 0o755), "/run/user/1000": Node(1000, 0o700)}
 ECR_CACHE_ATTRIBUTES = ("type=registry", "mode=max", "image-manifest=true", "oci-mediatypes=true")
 
 
@@ -87,6 +104,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+LOG_PIECE = 32 * 1024
+STATUS_LOG_BYTES = 1024 * 1024
+
+
+def _log_statuses(output: bytes) -> list[list[bytes]]:
+    """A step's output as buildkitd sends it: written in pieces, grouped into status messages the way moby/buildkit
+    v0.31.2 client/status.go `SolveStatus.Marshal` splits them: logs accumulate until their size passes 1 MiB
+    (the piece that passes it included); its counter is never reset, so after that each status carries one log."""
+    pieces = [output[i:i + LOG_PIECE] for i in range(0, len(output), LOG_PIECE)]
+    statuses, current, size = [], [], 0
+    for piece in pieces:
+        current.append(piece)
+        size += len(piece)
+        if size > STATUS_LOG_BYTES:
+            statuses.append(current)
+            current = []
+    return statuses + ([current] if current else [])
+
+
 class RawJsonProgress:
     """Writes BuildKit `SolveStatus` lines, one per update, as `buildctl --progress=rawjson` does."""
 
@@ -110,9 +146,9 @@ class RawJsonProgress:
             self._emit({"vertexes": [{**vertex, "completed": started, "cached": True}]})
             return
         self._emit({"vertexes": [vertex]})
-        if output:
-            data = base64.b64encode(output.encode()).decode()
-            self._emit({"logs": [{"vertex": digest, "stream": 1, "data": data, "timestamp": _now()}]})
+        for logs in _log_statuses(output.encode()):
+            self._emit({"logs": [{"vertex": digest, "stream": 1, "data": base64.b64encode(piece).decode(),
+                                  "timestamp": _now()} for piece in logs]})
         time.sleep(seconds)
         self._emit({"vertexes": [{**vertex, "completed": _now(), **({"error": error} if error else {})}]})
 
@@ -130,21 +166,58 @@ class SimulatedBuildKit(SimulatedBuilder):
 
     recognises = staticmethod(is_buildkit_pod)
 
-    def _failure(self, exc: Exception) -> tuple[str, str]:
-        if isinstance(exc, ContractError):
-            return f"error: failed to solve: {exc}", f"error: failed to solve: {exc}"
-        return f"error: sandbox buildkit: {type(exc).__name__}: {exc}", f"error: {exc}"
+    @staticmethod
+    def image_filesystem(image: str) -> tuple[dict[str, Node], int]:
+        return (ROOTLESS_IMAGE, 1000) if image.endswith("-rootless") else (PRIVILEGED_IMAGE, 0)
 
-    def _build(self, handle: PodHandle) -> dict:
+    def _failure(self, exc: Exception) -> str:
+        if isinstance(exc, ContractError):
+            return f"error: failed to solve: {exc}"
+        return f"error: sandbox buildkit: {type(exc).__name__}: {exc}"
+
+    def _main(self, handle: PodHandle, fs: ContainerFS, started: float) -> int:
+        """The container's argv (`command` + `args`) run as the image would: `/bin/sh -c` through the shell model,
+        `buildctl-daemonless.sh` as the simulated build."""
+        try:
+            container = _single_container(handle.pod["spec"])
+        except ContractError as exc:
+            handle.log(self._failure(exc))
+            return 1
+        env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+        argv = [*(container.get("command") or IMAGE_ENTRYPOINT), *container.get("args", [])]
+        programs = {"buildctl-daemonless.sh": lambda process: self._buildctl(handle, process, started)}
+        return run_argv(argv, fs, env, programs, handle.log)
+
+    def _buildctl(self, handle: PodHandle, process: Process, started: float) -> int:
+        """`buildctl-daemonless.sh build ...`: the script's exit status is buildctl's (moby/buildkit v0.31.2
+        examples/buildctl-daemonless/buildctl-daemonless.sh ends with `$BUILDCTL ... "$@"` under `set -eu`)."""
+        if process.args[:1] != ["build"]:
+            handle.log(f"sandbox buildkit: only `buildctl build` is modelled, not {process.args[:1]}")
+            return 1
+        try:
+            record = self._build(handle, process)
+        except Killed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure fails the build, as in a real pod
+            handle.log(self._failure(exc))
+            return 1
+        if record["metadata_file"]:
+            try:
+                atomic_write_file(process.fs, record["metadata_file"], record["metadata_json"].encode())
+            except OSError as exc:  # cmd/buildctl/main.go handleErr: `error: %v`, exit 1
+                handle.log(f"error: {go_error(exc)}")
+                return 1
+        self._record(record, started)
+        return 0
+
+    def _build(self, handle: PodHandle, process: Process) -> dict:
         container = _single_container(handle.pod["spec"])
         _check_security(container)
-        args = parse_buildctl(container["args"][1:])
-        if args.metadata_file != container.get("terminationMessagePath", "/dev/termination-log"):
-            raise ContractError("--metadata-file must be the termination message path")
+        args = parse_buildctl(process.args[1:])
         if args.progress != "rawjson":
             raise ContractError("--progress=rawjson is what the flow parses into step timings")
         _check_cache_flags(args)
-        auth = self._mounted_registry_auth(handle, container)
+        auth = self._mounted_registry_auth(handle, container, process.env)
         secrets = {id_: self._mounted_secret(handle, container, id_, src) for id_, src in args.secrets.items()}
         names = args.output.get("name", "").split(",")
         repository = names[0].rsplit(":", 1)[0]
@@ -173,6 +246,9 @@ class SimulatedBuildKit(SimulatedBuilder):
             if failure and instruction.startswith("RUN"):
                 progress.step(name, output=failure + "\n", error=failure, seconds=pace.step())
                 raise ContractError(failure)
+            if instruction.startswith("RUN") and repository in self.run_output:
+                progress.step(name, output=self.run_output[repository], seconds=pace.step())
+                continue
             cached = cache_ready and not instruction.startswith("COPY")
             progress.step(name, cached=cached, seconds=pace.step(cached=cached))
         if failure:
@@ -190,9 +266,12 @@ class SimulatedBuildKit(SimulatedBuilder):
         self._push(names, manifest, digest)
         progress.step("exporting to image", output=f"pushing manifest for {names[0]}@{digest} done\n")
         if args.export_cache:
-            self.exported_caches.add(args.export_cache.split("ref=")[1].split(",")[0])
+            self._export_cache(progress, args.export_cache, steps)
         metadata = {"containerimage.digest": digest, "image.name": ",".join(names)}
         return {
+            "metadata_file": args.metadata_file,
+            # writeMetadataFile: json.MarshalIndent(out, "", "  "); Go sorts map keys
+            "metadata_json": json.dumps(metadata, indent=2, sort_keys=True),
             "pod": handle.name,
             "context_url": args.opts["context"],
             "names": names,
@@ -200,11 +279,27 @@ class SimulatedBuildKit(SimulatedBuilder):
             "secrets": {id_: hashlib.sha256(value).hexdigest() for id_, value in secrets.items()},
             "cache_imported": cache_ready,
             "metadata": metadata,
-            "termination_message": json.dumps(metadata),
         }
 
-    def _mounted_registry_auth(self, handle: PodHandle, container: dict) -> dict[str, str]:
-        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    def _export_cache(self, progress: RawJsonProgress, export: str, steps: list) -> None:
+        """The registry cache exporter (moby/buildkit v0.31.2 solver/llbsolver/export.go runCacheExporters, vertex
+        "exporting cache to registry"; cache/remotecache/export.go Finalize writes layers, config, then the cache
+        image manifest under the ref's tag). A refused manifest fails the build unless `ignore-error` is true
+        (control/control.go parses it with strconv.ParseBool; an invalid value is skipped, so false)."""
+        attributes = dict(part.partition("=")[::2] for part in export.split(","))
+        ref = attributes["ref"]
+        ignore_error = attributes.get("ignore-error") in ("1", "t", "T", "TRUE", "true", "True")
+        manifest, digest = image_manifest(steps, {"cache": ref}, "", OCI)
+        refused = push_cache_manifest(self.aws, self.region, ref, manifest, digest)
+        error = f"error writing manifest blob: {refused}" if refused else None
+        progress.step("exporting cache to registry",
+                      output=f"writing cache image manifest {digest}{' done' if not refused else ''}\n", error=error)
+        if refused and not ignore_error:
+            raise ContractError(error)
+        if not refused:
+            self.exported_caches.add(ref)
+
+    def _mounted_registry_auth(self, handle: PodHandle, container: dict, env: dict[str, str]) -> dict[str, str]:
         config_dir = env.get("DOCKER_CONFIG")
         if not config_dir:
             raise ContractError("DOCKER_CONFIG is not set: buildctl will find no registry credentials")
@@ -234,10 +329,7 @@ def _single_container(spec: dict) -> dict:
         raise ContractError("the build pod must have no init containers")
     if len(spec["containers"]) != 1:
         raise ContractError("the build pod must have exactly one container")
-    container = spec["containers"][0]
-    if container.get("command") != ["buildctl-daemonless.sh"] or container["args"][0] != "build":
-        raise ContractError(f"unexpected command {container.get('command')} {container.get('args', [])[:1]}")
-    return container
+    return spec["containers"][0]
 
 
 def _check_security(container: dict) -> None:
@@ -283,3 +375,21 @@ def _check_layout(archive: bytes, filename: str, contextsubdir: str) -> tuple[di
     if contextsubdir and contextsubdir not in tree:
         raise ContractError(f"contextsubdir {contextsubdir!r} not found in the context")
     return tree, tree[filename].decode()
+
+
+def atomic_write_file(fs: ContainerFS, filename: str, data: bytes) -> None:
+    """containerd/continuity ioutils.go AtomicWriteFile (vendored in moby/buildkit v0.31.2): os.CreateTemp in the
+    target's folder (pattern `.tmp-<base>`, a random decimal appended), chmod, write, then rename onto the target."""
+    directory, base = posixpath.split(posixpath.normpath(filename))
+    temp = posixpath.join(directory, f".tmp-{base}{random.getrandbits(32)}")
+    fs.create_exclusive(temp, 0o600)
+    fs.chmod(temp, 0o666)
+    fs.write(temp, data)
+    fs.rename(temp, filename)
+
+
+def go_error(exc: OSError) -> str:
+    """Go's *PathError (`open F: ...`) or, for a rename, *LinkError (`rename OLD NEW: ...`)."""
+    if exc.filename2:
+        return f"rename {exc.filename} {exc.filename2}: {go_strerror(exc.errno)}"
+    return f"open {exc.filename}: {go_strerror(exc.errno)}"

@@ -65,6 +65,7 @@ from sandbox.builders import (
     unpack,
 )
 from sandbox.kube import PodHandle
+from sandbox.kube.containerfs import ContainerFS, Node, go_strerror
 
 BUILD_CONTEXT_DIR = "/kaniko/buildcontext"  # constants.BuildContextDir
 IMAGE_DOCKER_CONFIG = "/kaniko/.docker/"  # ENV DOCKER_CONFIG of the executor image
@@ -271,14 +272,19 @@ class SimulatedKaniko(SimulatedBuilder):
 
     recognises = staticmethod(is_kaniko_pod)
 
-    def _failure(self, exc: Exception) -> tuple[str, str]:
+    @staticmethod
+    def image_filesystem(image: str) -> tuple[dict[str, Node], int]:
+        """The executor image runs as root (no USER) with its work directories; /dev is the runtime's tmpfs."""
+        return {"/kaniko": Node(), WORKING_DIR: Node(), "/dev": Node()}, 0
+
+    def _failure(self, exc: Exception) -> str:
         if isinstance(exc, (Exited, ContractError)):
-            return str(exc), ""
-        return f"sandbox kaniko: {type(exc).__name__}: {exc}", ""
+            return str(exc)
+        return f"sandbox kaniko: {type(exc).__name__}: {exc}"
 
     # ---------------------------------------------------------------- root.go PersistentPreRunE and Run
 
-    def _build(self, handle: PodHandle) -> dict:
+    def _build(self, handle: PodHandle, fs: ContainerFS) -> dict:
         container = _executor_container(handle)
         flags = parse_flags(container.get("args", []))
         log = KanikoLog(handle, flags["log-format"])
@@ -298,9 +304,13 @@ class SimulatedKaniko(SimulatedBuilder):
         cached = self._do_build(instructions, steps, flags, cache_repo, repository, log, pace)
         labels = dict(label.partition("=")[::2] for label in flags["label"])
         manifest, digest = image_manifest(steps, labels, flags["custom-platform"], DOCKER_V2)
-        message = digest if flags["digest-file"] == container.get("terminationMessagePath", "/dev/termination-log") \
-            else ""
         pace.finish()
+        if flags["digest-file"]:  # push.go DoPush: a plain os.WriteFile before pushing, once the build succeeded
+            try:
+                fs.write(flags["digest-file"], digest.encode())
+            except OSError as exc:
+                raise Exited(f"error pushing image: writing digest to file failed: open {exc.filename}: "
+                             f"{go_strerror(exc.errno)}") from None
         if flags["no-push"]:
             log.info("Skipping push to container registry due to --no-push flag")
         for destination in [] if flags["no-push"] else destinations:
@@ -316,7 +326,6 @@ class SimulatedKaniko(SimulatedBuilder):
             "cache_repo": cache_repo,
             "cached": cached,
             "layers": sum(1 for step in steps if step.layer),
-            "termination_message": message,
             "log": log.lines,
         }
 
@@ -428,6 +437,8 @@ class SimulatedKaniko(SimulatedBuilder):
                     for output in failure.splitlines():
                         log.raw(output)
                     raise Exited(RUN_FAILED)
+                for output in self.run_output.get(repository, "").splitlines():  # the command's own stdout
+                    log.raw(output)
                 log.info("Taking snapshot of full filesystem...")
                 if cache_repo and flags["cache-run-layers"]:
                     cache_errors += self._push_to_cache(step, cache_repo, int(flags["push-retry"]), log)

@@ -88,7 +88,7 @@ def test_rootless_mode_runs_as_uid_1000_unconfined_without_process_sandbox():
 def test_registry_cache_flags_are_the_ones_ecr_accepts():
     args = container(build_job_manifest(request()))["args"]
     export = args[args.index("--export-cache") + 1]
-    assert export == f"type=registry,ref={REPOSITORY}:buildcache,mode=max,image-manifest=true,oci-mediatypes=true"
+    assert export == f"type=registry,ref={REPOSITORY}:buildcache,mode=max,image-manifest=true,oci-mediatypes=true,ignore-error=true"
     assert args[args.index("--import-cache") + 1] == f"type=registry,ref={REPOSITORY}:buildcache"
 
 

@@ -70,7 +70,7 @@ def test_first_run_builds_pushes_and_deploys_the_exact_image(prefect_server, san
     assert "initContainers" not in pod_spec
     [container] = pod_spec["containers"]
     assert container["securityContext"]["privileged"] is True
-    assert container["command"] == ["buildctl-daemonless.sh"]
+    assert container["command"][:2] == ["/bin/sh", "-c"] and container["args"][0] == "build"
     context_opt = container["args"][container["args"].index("--opt") + 1]
     assert context_opt.startswith(f"context={sandbox.aws.url}/{config.aws.bucket}/{key}?")
     docker_config = next(e["value"] for e in container["env"] if e["name"] == "DOCKER_CONFIG")

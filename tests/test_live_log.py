@@ -1,0 +1,60 @@
+"""The live build log survives a very long line: the lines and steps after it still arrive."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+
+from sandbox.example import commit_all
+
+MCP = "weather-mcp"
+MCP_REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/weather-mcp"
+MiB = 1024 * 1024
+
+
+def run_messages(flow_run_id) -> list[str]:
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return [log.message for log in logs]
+
+
+def steps_artifact(flow_run_id, component: str) -> list[dict]:
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"build-steps-{component}"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+        )
+    return json.loads(artifact.data)
+
+
+@pytest.mark.parametrize("builder, size", [("buildkit", 1 * MiB), ("buildkit", 6 * MiB), ("kaniko", 6 * MiB)])
+def test_the_lines_and_steps_after_a_very_long_line_reach_the_run_log_and_the_steps_artifact(
+        prefect_server, sandbox, example_app, monkeypatch, builder, size):
+    if builder == "kaniko":
+        text = example_app.pipeline_file.read_text().replace("mode: privileged}", "mode: privileged, builder: kaniko}")
+        example_app.pipeline_file.write_text(text)
+        commit_all(example_app.root, "Kaniko")
+    simulated = getattr(sandbox, builder)
+    monkeypatch.setitem(simulated.run_output, MCP_REPOSITORY, "x" * size + "\nthe line after the long one\n")
+
+    state = example_app.run(deploy=False, no_cache=True)
+
+    assert state.is_completed()
+    flow_run_id = state.state_details.flow_run_id
+    messages = [m for m in run_messages(flow_run_id) if m.startswith(f"{MCP} | ")]
+    assert any(m.endswith("the line after the long one") for m in messages)
+    last_step = "exporting to image" if builder == "buildkit" else "CMD"
+    assert any(last_step in m for m in messages[-5:] + messages), messages[-5:]
+    steps = [row["step"] for row in steps_artifact(flow_run_id, MCP)]
+    run = next(i for i, step in enumerate(steps) if "RUN" in step)
+    assert any(last_step in step for step in steps[run + 1:]), steps
