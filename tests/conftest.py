@@ -30,7 +30,9 @@ HELM = REPO_ROOT / ".tools" / "bin" / "helm"
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    with prefect_test_harness(server_startup_timeout=60):
+    # the test server migrates a new database each session: as slow as a first start (see flows/cli.py)
+    with prefect_test_harness(server_startup_timeout=int(os.environ.get(
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 120))):
         yield
 
 

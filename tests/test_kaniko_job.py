@@ -32,7 +32,7 @@ VARIANTS = {
     "default": {},
     "no-cache": {"cache_repository": None},
     "one-platform-target-args": {"platforms": ["linux/arm64"], "target": "runtime", "build_args": {"A": "1"}},
-    "scheduling": {"settings": BuildSpec(node_selector={"kubernetes.io/arch": "arm64"}, ttl_seconds_after_finished=60,
+    "scheduling": {"settings": BuildSpec(node_selector={"kubernetes.io/arch": "arm64"}, ttl_seconds_after_finished=600,
                                          tolerations=[{"key": "builds", "operator": "Exists"}])},
 }
 
