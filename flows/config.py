@@ -22,7 +22,10 @@ from pydantic import (
 )
 
 DEFAULT_BUILDKIT_IMAGE = "moby/buildkit:v0.31.2"
-DEFAULT_KANIKO_IMAGE = "gcr.io/kaniko-project/executor:v1.23.2"
+# The maintained fork's executor: osscontainertools/kaniko publishes each release tag `v1.X.Y` on ghcr.io
+# (.github/workflows/images.yaml, "Apply release tags"); patch releases change no behaviour (docs/releases.md).
+# The original gcr.io/kaniko-project images are archived and no longer updated.
+DEFAULT_KANIKO_IMAGE = "ghcr.io/osscontainertools/kaniko:v1.28.3"
 Builder = Literal["buildkit", "kaniko"]
 # After a Job ends the flow drains the log (2 s), lists the Pods for the termination message and, on failure, reads
 # the log tail and the events; each request retries transient errors for up to 7.5 s (flows/kube.py RETRY_DELAYS)

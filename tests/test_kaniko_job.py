@@ -50,7 +50,7 @@ def test_the_kaniko_job_validates_and_carries_no_privileged_flag(variant):
 def test_the_executor_reads_the_archive_layout_and_reports_the_digest_through_the_termination_message():
     spec = container(job_manifest(request()))
     assert spec["name"] == "kaniko" and "command" not in spec
-    assert spec["image"] == "gcr.io/kaniko-project/executor:v1.23.2"
+    assert spec["image"] == "ghcr.io/osscontainertools/kaniko:v1.28.3"
     args = spec["args"]
     assert args[:3] == [f"--context={URL}", "--context-sub-path=context", "--dockerfile=/kaniko/buildcontext/Dockerfile"]
     assert [a for a in args if a.startswith("--destination=")] == [
@@ -118,7 +118,7 @@ def test_the_pipeline_file_chooses_the_builder_per_pipeline_and_per_component():
     config = parse_config(document)
     assert [config.builder_of(c) for c in config.components] == ["kaniko", "buildkit"]
     with pytest.raises(ConfigError, match=r"build.kaniko_image: .*never latest"):
-        parse_config(pipeline(kaniko_image="gcr.io/kaniko-project/executor:latest"))
+        parse_config(pipeline(kaniko_image="ghcr.io/osscontainertools/kaniko:latest"))
 
 
 def test_a_component_built_by_both_builders_gets_two_jobs():
@@ -139,7 +139,7 @@ def test_plan_json_shows_the_kaniko_job_when_that_builder_is_chosen(tmp_path, ca
         assert component["builder"] == "kaniko"
         job = component["job"]
         assert job["metadata"]["name"].startswith("kn-")
-        assert container(job)["image"].startswith("gcr.io/kaniko-project/executor:")
+        assert container(job)["image"] == "ghcr.io/osscontainertools/kaniko:v1.28.3"
         assert "--context=<presigned-url>" in container(job)["args"]
         assert "privileged" not in every_key(job)
         kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
