@@ -10,6 +10,7 @@ them as RefreshableCredentials with their real expiry, as it does for a role on 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import urllib.error
 import urllib.request
@@ -158,7 +159,8 @@ def test_s3_refuses_a_url_signed_with_session_credentials_once_they_expire(sandb
 
 
 def test_presign_fetches_credentials_again_when_they_would_expire_before_the_url(sandbox, stored, role_profile):
-    profile = role_profile(900, 3600)
+    """20 minutes left is outside botocore's own refresh windows (15 and 10 minutes), so only the flow refetches."""
+    profile = role_profile(1200, 3600)
 
     uploaded = presign(profile.credentials, stored, 1800)
 
@@ -168,7 +170,7 @@ def test_presign_fetches_credentials_again_when_they_would_expire_before_the_url
     assert uploaded.expires_at == url_expiry(url), "the URL expires first: its expiry is the real one"
     assert url_expiry(url) - datetime.strptime(url_query(url)["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(
         tzinfo=timezone.utc) == timedelta(seconds=1800)
-    with sandbox.aws.later(1799):
+    with sandbox.aws.later(1800 - 30):
         assert get(url) == (200, b"context")
 
     again = presign(profile.credentials, stored, 1800)
@@ -185,7 +187,7 @@ def test_presign_refuses_credentials_that_expire_before_the_url_even_fetched_aga
     message = str(refused.value)
     assert "before aws.presign_ttl_seconds (1800) have passed" in message
     assert "Fix: use credentials that last longer than 1800 s" in message
-    assert "lower aws.presign_ttl_seconds to at most 89" in message  # 900 s, less the second or so it took
+    assert re.search(r"lower aws.presign_ttl_seconds to at most 8\d\d$", message)  # 900 s, less what it took
     assert len(profile.keys) >= 2, "fetched again before giving up"
     shorter = presign(profile.credentials, stored, 600)
     assert shorter.expires_at == url_expiry(shorter.url.get_secret_value()), "a 10-minute URL they do outlast"
@@ -213,7 +215,7 @@ def test_a_run_whose_credentials_cannot_outlast_the_url_fails_before_uploading(
 def test_a_run_signs_with_refetched_credentials_and_the_build_pod_downloads_through_s3_s_checks(
     prefect_server, sandbox, example_app, role_profile
 ):
-    app, profile = example_app, role_profile(900, 3600)
+    app, profile = example_app, role_profile(1200, 3600)
     app.pipeline_file.write_text(app.pipeline_file.read_text().replace(
         "prefix: build/}", "prefix: build/, presign_ttl_seconds: 1800}"))
     commit_all(app.root, "A half-hour context URL")
@@ -225,7 +227,8 @@ def test_a_run_signs_with_refetched_credentials_and_the_build_pod_downloads_thro
     [mcp] = state.result().components
     [job] = jobs(sandbox, app, MCP)
     url = context_url(job)
-    assert url_query(url)["X-Amz-Credential"].split("/")[0] in profile.keys[1:]
+    first, second = profile.keys
+    assert url_query(url)["X-Amz-Credential"].startswith(f"{second}/"), "not the 20-minute credentials"
     assert "X-Amz-Security-Token" in url_query(url)
     key = f"/{app.config.aws.bucket}/build/{MCP}/{mcp.archive_sha256}.tar.gz"
     assert ("GET", key, 200) in [tuple(s) for s in sandbox.aws.front.log[served_before:]], \
