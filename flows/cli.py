@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from flows.config import ConfigError
 from flows.source import SourceError
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+# Prefect's own default is 20 s (prefect/settings/models/server/ephemeral.py, `startup_timeout_seconds`); the first
+# start of a local ephemeral server migrates a new SQLite database, which takes longer on a small machine. Set before
+# Prefect is imported, as its settings are read once at import; a value already in the environment wins.
+PREFECT_DEFAULTS = {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
 
 def _components(value: str | None) -> list[str] | None:
@@ -119,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     args = parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -22,8 +22,16 @@ from pydantic import (
 )
 
 DEFAULT_BUILDKIT_IMAGE = "moby/buildkit:v0.31.2"
-DEFAULT_KANIKO_IMAGE = "gcr.io/kaniko-project/executor:v1.23.2"
+# The maintained fork's executor: osscontainertools/kaniko publishes each release tag `v1.X.Y` on ghcr.io
+# (.github/workflows/images.yaml, "Apply release tags"); patch releases change no behaviour (docs/releases.md).
+# The original gcr.io/kaniko-project images are archived and no longer updated.
+DEFAULT_KANIKO_IMAGE = "ghcr.io/osscontainertools/kaniko:v1.28.3"
 Builder = Literal["buildkit", "kaniko"]
+# After a Job ends the flow drains the log (2 s), lists the Pods for the termination message and, on failure, reads
+# the log tail and the events; each request retries transient errors for up to 7.5 s (flows/kube.py RETRY_DELAYS)
+# and the build task twice more after 1 s and 5 s, adopting the finished Job by name: about 40 s when every call
+# meets a transient error. Five minutes leaves room for Retry-After answers and a slow worker.
+MIN_FINISHED_JOB_SECONDS = 300
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 ECR_HOST = re.compile(r"^(?P<account>\d{12})\.dkr\.ecr\.(?P<region>[a-z0-9-]+)\.amazonaws\.com(\.cn)?$")
 _HOST_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
@@ -126,12 +134,24 @@ class BuildSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict] = Field(default_factory=list)
-    ttl_seconds_after_finished: int = Field(default=3600, ge=0)
+    ttl_seconds_after_finished: int = Field(default=3600, description="how long a finished Job and its Pod stay")
     platforms: list[str] = Field(default_factory=list)
 
     _namespace = field_validator("namespace", "service_account")(_dns_label)
     _cache_repository = field_validator("cache_repository")(_repository)
     _platform_list = field_validator("platforms")(_platforms)
+
+    @field_validator("ttl_seconds_after_finished")
+    @classmethod
+    def _kept_long_enough(cls, seconds: int) -> int:
+        """Kubernetes deletes a finished Job and its Pod this long after the Job ends; the flow reads them after that."""
+        if seconds < MIN_FINISHED_JOB_SECONDS:
+            raise ValueError(
+                f"{seconds} is too short: once the Job ends the flow still reads its Pod's termination message (the "
+                "pushed digest), log tail and events, retrying transient API errors, and a Job deleted before then "
+                f"turns a good build into a failed one; use at least {MIN_FINISHED_JOB_SECONDS}"
+            )
+        return seconds
 
     @field_validator("image", "kaniko_image")
     @classmethod

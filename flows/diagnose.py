@@ -35,12 +35,13 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from flows.build import describe_failure
+from flows.config import DEFAULT_KANIKO_IMAGE
 from flows.kaniko_log import is_kaniko_log, kaniko_plain
 from flows.progress import to_plain
 
 NO_MATCH = "no known signature"
 NOT_A_WARNING = r"^(?!WARNING )[^\n]*?"
-KANIKO_STATUS = re.compile(r'\bcontainer "?kaniko\b|kaniko-project/executor')
+KANIKO_STATUS = re.compile(r'\bcontainer "?kaniko\b|kaniko-project/executor|osscontainertools/kaniko')
 
 BUILDERS: dict[str, dict[str, str]] = {
     "buildkit": {
@@ -56,7 +57,7 @@ BUILDERS: dict[str, dict[str, str]] = {
     "kaniko": {
         "builder": "Kaniko",
         "image_setting": "build.kaniko_image",
-        "image_example": "gcr.io/kaniko-project/executor:v1.23.2",
+        "image_example": DEFAULT_KANIKO_IMAGE,
         "psa_level": "baseline",
         "psa_note": " (Kaniko needs no privileges, but it runs as root with the runtime's default capabilities, "
                     "which `restricted` refuses)",

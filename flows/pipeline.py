@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 
 from blocks.target import BuildKitPipelineTarget
 from flows import tasks
-from flows.aws import aws_client
+from flows.aws import aws_client, credentials_lasting
 from flows.build import BuiltImage
 from flows.build_run import delete_run_objects
 from flows.builders import log_reader
@@ -268,8 +268,9 @@ class Run:
         logger = get_run_logger()
         config, archive = self.config, self.archives[component.name]
         result.context_uploaded = stored.uploaded
-        logger.info("%s: context %s (%s bytes)", component.name, stored.describe(), archive.bytes)
         uploaded = presign(self.credentials, stored, config.aws.presign_ttl_seconds)
+        logger.info("%s: context %s (%s bytes), its URL valid until %s", component.name, stored.describe(),
+                    archive.bytes, f"{uploaded.expires_at:%Y-%m-%d %H:%M:%S}Z")
         plan = plan_component(config, component, self.source, archive, run_id=self.run_id,
                               context_url=uploaded.url.get_secret_value(), no_cache=self.no_cache,
                               builder=builder, comparison=comparison)
@@ -390,9 +391,11 @@ async def build_and_deploy(
     else:
         async with (connection(target, aws_credentials, kubeconfig, pipeline) as connected,
                     kube_api(connected.kubeconfig) as api):
-            archives, _ = await asyncio.gather(
+            archives, _, _ = await asyncio.gather(
                 package_all(pipeline, selected, source, results),
-                asyncio.to_thread(aws_client, connected.credentials, "s3"))
+                asyncio.to_thread(aws_client, connected.credentials, "s3"),
+                # before anything is uploaded: credentials that cannot outlast a context URL fail the run here
+                asyncio.to_thread(credentials_lasting, connected.credentials, pipeline.aws.presign_ttl_seconds))
             await ensure_limit(BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT)
             run = Run(pipeline, source, archives, results, connected.credentials, api, connected.kubeconfig,
                       connected.bucket, skip_unchanged, no_cache, asyncio.Semaphore(max_parallel_builds),

@@ -15,13 +15,14 @@ from __future__ import annotations
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
+from urllib.parse import parse_qs, urlsplit
 
 from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import ClientError
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel, ConfigDict, SecretStr
 
-from flows.aws import aws_client
+from flows.aws import aws_client, credentials_lasting, signing_client
 from flows.package import PackagedContext
 from flows.secrecy import carrying_secrets
 
@@ -41,6 +42,7 @@ class StoredContext(BaseModel):
 class UploadedContext(StoredContext):
     url: SecretStr
     expires_at: datetime
+    """When S3 stops serving the URL: its own expiry, or its credentials' when they expire first."""
 
 
 class ContextUploadFailed(RuntimeError):
@@ -124,12 +126,23 @@ def store_context(
     return StoredContext(bucket=bucket, key=key, uploaded=uploaded)
 
 
+def url_expiry(url: str) -> datetime:
+    """When a SigV4 presigned URL expires, as it states: X-Amz-Date plus X-Amz-Expires seconds."""
+    query = {name: values[0] for name, values in parse_qs(urlsplit(url).query).items()}
+    signed = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)
+    return signed + timedelta(seconds=int(query["X-Amz-Expires"]))
+
+
 def presign(credentials: AwsCredentials, stored: StoredContext, ttl_seconds: int) -> UploadedContext:
-    """A GET URL for the stored archive that expires after `ttl_seconds`; signing is local, no request to S3."""
+    """A GET URL for the stored archive that S3 serves for `ttl_seconds`; signing is local, no request to S3.
+
+    Signed with credentials that outlast the URL, refreshed first when needed (CredentialsExpireTooSoon when
+    none do), since S3 refuses a URL once the credentials that signed it expire."""
+    signing = credentials_lasting(credentials, ttl_seconds)
     with carrying_secrets():
-        url = aws_client(credentials, "s3").generate_presigned_url(
+        url = signing_client(credentials, signing).generate_presigned_url(
             "get_object", Params={"Bucket": stored.bucket, "Key": stored.key}, ExpiresIn=ttl_seconds
         )
-    expires_at = datetime.now(timezone.utc) + timedelta(seconds=ttl_seconds)
+        expires_at = min(filter(None, (url_expiry(url), signing.expires_at)))
     return UploadedContext(**stored.model_dump(), url=SecretStr(url), expires_at=expires_at)
 

@@ -1,15 +1,27 @@
-"""S3, ECR and STS for the sandbox: moto in server mode on 127.0.0.1, spoken to over real HTTP."""
+"""S3, ECR and STS for the sandbox: moto in server mode on 127.0.0.1, spoken to over real HTTP.
+
+Everyone reaches moto through a front, a FaultProxy whose `refuse` is sandbox/presign.py: the flow, the tests and
+the simulated build pods, which download the context from the presigned URL the flow signed against `url`. The
+front refuses what S3 refuses and moto serves: an expired presigned URL, and a request signed with session
+credentials (from moto's STS, AssumeRole) after they expired. `clock_offset` moves the front's clock, so a test
+can see an hour-long URL or credential expire without waiting.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 
 import boto3
 from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from prefect_aws import AwsClientParameters, AwsCredentials
 
 from flows.config import PipelineConfig
+from sandbox.faultproxy import FaultProxy
+from sandbox.presign import refusal
 
 SANDBOX_KEY = "sandbox-access-key"
 
@@ -17,6 +29,8 @@ SANDBOX_KEY = "sandbox-access-key"
 class AwsSandbox:
     def __init__(self) -> None:
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.front: FaultProxy | None = None
+        self.clock_offset = timedelta(0)
         self.url = ""
 
     def start(self) -> None:
@@ -24,10 +38,29 @@ class AwsSandbox:
         _ecr_image_sizes_from_layers()
         self._server.start()
         host, port = self._server.get_host_and_port()
-        self.url = f"http://{host}:{port}"
+        self.front = FaultProxy(f"http://{host}:{port}", refuse=self._refusal).start()
+        self.url = self.front.url
 
     def stop(self) -> None:
+        if self.front is not None:
+            self.front.stop()
         self._server.stop()
+
+    def now(self) -> datetime:
+        """The front's clock: the real time, moved by `clock_offset`."""
+        return datetime.now(timezone.utc) + self.clock_offset
+
+    @contextlib.contextmanager
+    def later(self, seconds: float) -> Iterator[None]:
+        """The front's clock `seconds` ahead, for what S3 checks against its own clock."""
+        self.clock_offset += timedelta(seconds=seconds)
+        try:
+            yield
+        finally:
+            self.clock_offset -= timedelta(seconds=seconds)
+
+    def _refusal(self, target: str, headers):
+        return refusal(target, headers, self.now(), session_expiry)
 
     def credentials(self, region: str) -> AwsCredentials:
         return sandbox_credentials(self.url, region)
@@ -66,6 +99,18 @@ def sandbox_credentials(url: str, region: str) -> AwsCredentials:
         region_name=region,
         aws_client_parameters=AwsClientParameters(endpoint_url=url),
     )
+
+
+def session_expiry(token: str) -> datetime | None:
+    """When the temporary credentials with this session token expire, as moto's STS issued them (AssumeRole)."""
+    from moto.sts.models import sts_backends
+
+    for account in list(sts_backends):
+        for partition in list(sts_backends[account]):
+            for role in sts_backends[account][partition].assumed_roles:
+                if role.session_token == token:
+                    return role.expiration.replace(tzinfo=timezone.utc)
+    return None
 
 
 def _layers_total(image) -> int | None:

@@ -8,7 +8,8 @@ Only hop-by-hop headers are not passed on; the proxy itself answers
 
 `fail(...)` makes the next N requests that match a method and a path pattern
 answer an S3-style error instead, or every such request from then on; `log`
-is what the proxy answered, injected or forwarded.
+is what the proxy answered, injected or forwarded. A `refuse` function, when
+given, answers what the target would serve but S3 refuses (sandbox/presign.py).
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from __future__ import annotations
 import http.client
 import re
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
 from urllib.parse import urlsplit
+
+from sandbox.presign import Refusal
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "expect"}
@@ -72,8 +76,9 @@ def s3_error_body(status: int, resource: str, request_id: str) -> bytes:
 
 
 class FaultProxy:
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, refuse: Callable[[str, Mapping[str, str]], Refusal | None] | None = None) -> None:
         parts = urlsplit(target)
+        self.refuse = refuse
         self.target_host, self.target_port = parts.hostname, parts.port or 80
         self._rules: list[FaultRule] = []
         self._log: list[Served] = []
@@ -165,6 +170,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             number = self.proxy._record(self.command, path, injected)
             self._answer_error(injected, path, f"fault-proxy-{number}")
             return
+        refused = self.proxy.refuse(self.path, self.headers) if self.proxy.refuse else None
+        if refused is not None:
+            number = self.proxy._record(self.command, path, refused.status)
+            self._answer(refused.status, refused.body(f"fault-proxy-{number}"), f"fault-proxy-{number}")
+            return
         try:
             answer = self._fetch(body)
         except OSError:
@@ -218,7 +228,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(answer.content)
 
     def _answer_error(self, status: int, resource: str, request_id: str) -> None:
-        content = b"" if self.command == "HEAD" else s3_error_body(status, resource, request_id)
+        self._answer(status, s3_error_body(status, resource, request_id), request_id)
+
+    def _answer(self, status: int, body: bytes, request_id: str) -> None:
+        content = b"" if self.command == "HEAD" else body
         self.send_response(status)
         self.send_header("Content-Type", "application/xml")
         self.send_header("x-amz-request-id", request_id)

@@ -1,7 +1,11 @@
 """A stand-in for the Kaniko executor pod that checks the contract the real executor depends on.
 
 It plays `/kaniko/executor <args>` (the image's entrypoint) inside the emulated cluster, following kaniko's
-source (GoogleContainerTools/kaniko, v1.2x):
+source (GoogleContainerTools/kaniko, v1.2x). The default image is now the maintained fork's
+(flows/config.py DEFAULT_KANIKO_IMAGE, osscontainertools/kaniko v1.28.3), checked to keep this contract at that tag:
+every flag the Job passes is in cmd/executor/cmd/root.go, pkg/buildcontext/https.go keeps HTTPSTar and its error
+text, and deploy/Dockerfile keeps ENTRYPOINT /kaniko/executor, DOCKER_CONFIG=/kaniko/.docker/, WORKDIR /workspace
+and docker-credential-ecr-login.
 
 - cmd/executor/cmd/root.go: flags parse like pflag; PersistentPreRunE needs `--destination` ("you must provide
   --destination, or use --no-push"), resolves the context (pkg/buildcontext/buildcontext.go picks the reader by

@@ -23,4 +23,6 @@ with zipfile.ZipFile(archive) as z:
         os.chmod(target, 0o755)
 PY
 "$BIN/helm" version --short
-"$BIN/kubectl" version --client | head -1
+# Not `| head -1`: head exits after one line, kubectl then dies of SIGPIPE, and pipefail fails setup (exit 141).
+version=$("$BIN/kubectl" version --client)
+echo "${version%%$'\n'*}"

@@ -30,6 +30,8 @@ HELM = REPO_ROOT / ".tools" / "bin" / "helm"
 
 @pytest.fixture(scope="session")
 def prefect_server():
+    # the test server migrates a new database each session: as slow as a first start (see flows/cli.py), and
+    # slower still on a loaded machine (over 120 s was seen with other test sessions running)
     with prefect_test_harness(server_startup_timeout=300):
         yield
 

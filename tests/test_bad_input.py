@@ -80,6 +80,12 @@ CASES = [
          change=replace("registry: ", "regsitry: 123456789012.dkr.ecr.us-west-2.amazonaws.com\nregistry: ")),
     case("wrong-type", "aws.presign_ttl_seconds: Input should be a valid integer",
          change=replace("prefix: build/}", "prefix: build/, presign_ttl_seconds: 15 minutes}")),
+    case("finished-job-deleted-at-once",
+         "build.ttl_seconds_after_finished: 0 is too short: once the Job ends the flow still reads its Pod's "
+         "termination message",
+         change=replace("mode: privileged}", "mode: privileged, ttl_seconds_after_finished: 0}")),
+    case("finished-job-deleted-too-soon", "build.ttl_seconds_after_finished: 299 is too short",
+         change=replace("mode: privileged}", "mode: privileged, ttl_seconds_after_finished: 299}")),
     case("registry-host-with-a-space",
          "registry: 'my registry.dkr.ecr.us-west-2.amazonaws.com' must be a registry host",
          change=replace("registry: 123456789012.dkr", "registry: my registry.dkr")),

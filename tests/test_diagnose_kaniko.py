@@ -130,7 +130,8 @@ def test_pod_security_asks_for_baseline_not_privileged():
 
 def test_image_pull_names_the_kaniko_setting():
     action = diagnose("", **kube("kaniko-image-pull.json")).action
-    assert action.startswith("set build.kaniko_image to an existing, pinned tag such as gcr.io/kaniko-project/executor:")
+    assert action.startswith("set build.kaniko_image to an existing, pinned tag such as "
+                             "ghcr.io/osscontainertools/kaniko:v1.28.3")
 
 
 def test_the_builders_words_follow_the_builder():
@@ -202,3 +203,15 @@ def test_diagnose_file_reads_a_kaniko_fixture_with_its_header(capsys):
         "context-download", "Kaniko could not download the build context: HTTPSTar bad status from server: 403 Forbidden",
     ]
     assert lines[-1] == "seen: Error: error resolving source context: HTTPSTar bad status from server: 403 Forbidden"
+
+
+def test_a_pull_failure_of_the_maintained_forks_image_is_kaniko_s(tmp_path):
+    """The default executor is osscontainertools/kaniko's: its pull failure names Kaniko, whatever the container."""
+    text = (FIXTURES / "kaniko-image-pull.json").read_text()
+    fork = tmp_path / "fork-image-pull.json"
+    fork.write_text(text.replace("gcr.io/kaniko-project/executor:v1.99.0", "ghcr.io/osscontainertools/kaniko:v1.99.0")
+                    .replace('"name": "kaniko"', '"name": "executor"').replace('container "kaniko"', 'container "executor"')
+                    .replace("container kaniko", "container executor"))
+    found = diagnose("", **fixture_status(fork))
+    assert found.name == "buildkit-image-pull"
+    assert found.summary.startswith("the node cannot pull the Kaniko image ghcr.io/osscontainertools/kaniko:v1.99.0")

@@ -32,7 +32,7 @@ VARIANTS = {
     "default": {},
     "no-cache": {"cache_repository": None},
     "one-platform-target-args": {"platforms": ["linux/arm64"], "target": "runtime", "build_args": {"A": "1"}},
-    "scheduling": {"settings": BuildSpec(node_selector={"kubernetes.io/arch": "arm64"}, ttl_seconds_after_finished=60,
+    "scheduling": {"settings": BuildSpec(node_selector={"kubernetes.io/arch": "arm64"}, ttl_seconds_after_finished=600,
                                          tolerations=[{"key": "builds", "operator": "Exists"}])},
 }
 
@@ -51,7 +51,7 @@ def test_the_kaniko_job_validates_and_carries_no_privileged_flag(variant):
 def test_the_executor_reads_the_archive_layout_and_reports_the_digest_through_the_termination_message():
     spec = container(job_manifest(request()))
     assert spec["name"] == "kaniko" and "command" not in spec
-    assert spec["image"] == "gcr.io/kaniko-project/executor:v1.23.2"
+    assert spec["image"] == "ghcr.io/osscontainertools/kaniko:v1.28.3"
     args = spec["args"]
     assert args[:3] == [f"--context={URL}", "--context-sub-path=context", "--dockerfile=/kaniko/buildcontext/Dockerfile"]
     assert [a for a in args if a.startswith("--destination=")] == [
@@ -119,7 +119,7 @@ def test_the_pipeline_file_chooses_the_builder_per_pipeline_and_per_component():
     config = parse_config(document)
     assert [config.builder_of(c) for c in config.components] == ["kaniko", "buildkit"]
     with pytest.raises(ConfigError, match=r"build.kaniko_image: .*never latest"):
-        parse_config(pipeline(kaniko_image="gcr.io/kaniko-project/executor:latest"))
+        parse_config(pipeline(kaniko_image="ghcr.io/osscontainertools/kaniko:latest"))
 
 
 def test_a_component_built_by_both_builders_gets_two_jobs():
@@ -140,7 +140,7 @@ def test_plan_json_shows_the_kaniko_job_when_that_builder_is_chosen(tmp_path, ca
         assert component["builder"] == "kaniko"
         job = component["job"]
         assert job["metadata"]["name"].startswith("kn-")
-        assert container(job)["image"].startswith("gcr.io/kaniko-project/executor:")
+        assert container(job)["image"] == "ghcr.io/osscontainertools/kaniko:v1.28.3"
         assert "--context=<presigned-url>" in container(job)["args"]
         assert "privileged" not in every_key(job)
         kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
