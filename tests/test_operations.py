@@ -125,6 +125,10 @@ def test_prefect_deploy_all_creates_the_nightly_schedule_on_demand_and_compare(p
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "Europe/Berlin", True)
     assert nightly.parameters["skip_unchanged"] is False and on_demand.parameters["skip_unchanged"] is True
     assert nightly.work_pool_name == on_demand.work_pool_name == "buildkit-pipeline"
+    for deployment in (nightly, on_demand, compare):
+        properties = deployment.parameter_openapi_schema["properties"]
+        assert not {"aws_credentials", "kubeconfig"} & set(properties)
+        assert [name for name, spec in properties.items() if not spec.get("description")] == []
     assert on_demand.schedules == []
 
 
