@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, AsyncIterator, Iterator, Literal
 
 from prefect import flow, get_run_logger
