@@ -9,10 +9,12 @@ describe the request, and the `Git-Protocol` header reaches it as
 HTTP_GIT_PROTOCOL. Only repositories marked with `git-daemon-export-ok` are
 served, as http-backend does without GIT_HTTP_EXPORT_ALL.
 
-It serves like a public repository: it never asks for credentials, and git
-sends the user or token of a URL only after a 401 (git/git http.c,
-`credential_fill` after HTTP_NOAUTH), so none reaches it. Each request's path
-and whether it carried an Authorization header are recorded.
+It serves like a public repository: it never answers 401. git sends a URL's
+credentials up front only when the URL has a password, and otherwise asks for
+them after a 401 (git/git http.c v2.39.5: `init_curl_http_auth` when
+`http_auth.password` is set; `credential_fill` once a request got 401), so a
+`<token>@` URL fetches without the token reaching the host. Each request's
+path and whether it carried an Authorization header are recorded.
 """
 
 from __future__ import annotations

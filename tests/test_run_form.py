@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -29,6 +30,20 @@ DEPLOYMENTS = ("build-and-deploy/on-demand", "build-and-deploy/nightly", "compar
 MCP = "weather-mcp"
 
 
+@pytest.fixture
+def deployed(served):
+    """The served example app, once all three deployments carry its pipeline file (an earlier test's serve
+    process may have registered them with its own)."""
+    config, deadline = str(served.pipeline_file.resolve()), time.monotonic() + 90
+    with get_client(sync_client=True) as client:
+        for name in DEPLOYMENTS:
+            wait_for_deployment(name)
+            while client.read_deployment_by_name(name).parameters.get("config") != config:
+                assert time.monotonic() < deadline, f"{name} was not registered with {config}"
+                time.sleep(0.5)
+    return served
+
+
 def run_served(name: str, **parameters):
     """A run of a served deployment, as the UI's Run button or `prefect deployment run` starts it; when it ended."""
     return run_deployment(name, parameters=parameters, timeout=240, poll_interval=1, as_subflow=False)
@@ -38,9 +53,7 @@ def undescribed(schema: dict) -> list[str]:
     return [name for name, spec in schema["properties"].items() if not (spec.get("description") or "").strip()]
 
 
-def test_the_run_form_explains_every_parameter_and_offers_no_connection_settings(served):
-    for name in DEPLOYMENTS:
-        wait_for_deployment(name)
+def test_the_run_form_explains_every_parameter_and_offers_no_connection_settings(deployed):
     with get_client(sync_client=True) as client:
         schemas = {name: client.read_deployment_by_name(name).parameter_openapi_schema for name in DEPLOYMENTS}
 
@@ -53,7 +66,7 @@ def test_the_run_form_explains_every_parameter_and_offers_no_connection_settings
         "target"}
 
 
-def test_a_ref_that_is_a_git_option_runs_nothing_on_the_worker(served, sandbox, tmp_path):
+def test_a_ref_that_is_a_git_option_runs_nothing_on_the_worker(deployed, sandbox, tmp_path):
     marker = tmp_path / "upload-pack-ran"
     ref = f"--upload-pack=touch {marker}"
 
@@ -62,14 +75,15 @@ def test_a_ref_that_is_a_git_option_runs_nothing_on_the_worker(served, sandbox, 
     assert not marker.exists(), "git ran the ref as its upload-pack command"
     assert run.state.is_failed()
     assert f"ref {ref!r} is not a branch, tag or commit SHA: it starts with '-'" in run.state.message
-    assert run_jobs(sandbox, served.config.build.namespace, run.id) == []
+    assert run_jobs(sandbox, deployed.config.build.namespace, run.id) == []
 
 
-def test_a_config_outside_the_deployments_folder_is_refused_without_reading_it(served, tmp_path):
+@pytest.mark.timeout(600)  # four runs of a served deployment, each a new process
+def test_a_config_outside_the_deployments_folder_is_refused_without_reading_it(deployed, tmp_path):
     secret_file = tmp_path / "worker-secret.yaml"
     secret_file.write_text("password: hunter2-worker-secret\n  region: [\n")
     relative_escape = "../../x"
-    folder = served.pipeline_file.parent.resolve()
+    folder = deployed.pipeline_file.parent.resolve()
 
     for config in ("/etc/passwd", str(secret_file), relative_escape):
         run = run_served("build-and-deploy/on-demand", config=config)
@@ -80,7 +94,7 @@ def test_a_config_outside_the_deployments_folder_is_refused_without_reading_it(s
         assert "hunter2-worker-secret" not in told
         assert "root:x:0:0" not in told
 
-    inside = run_served("build-and-deploy/on-demand", config=served.pipeline_file.name, dry_run=True)
+    inside = run_served("build-and-deploy/on-demand", config=deployed.pipeline_file.name, dry_run=True)
     assert inside.state.is_completed(), inside.state.message
 
 
