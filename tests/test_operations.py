@@ -32,16 +32,19 @@ def prefect(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def wait_for_deployment(name: str, timeout: float = 90) -> None:
+def wait_for_deployment(name: str, timeout: float = 90, config: str | None = None) -> None:
+    """Until the deployment exists, and with `config` until it has that pipeline file: an earlier test's serve
+    process registered the same deployments with its own, and a run created before the update would get it."""
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
             try:
-                client.read_deployment_by_name(name)
-                return
+                if config is None or client.read_deployment_by_name(name).parameters.get("config") == config:
+                    return
             except ObjectNotFound:
-                time.sleep(0.5)
-    raise AssertionError(f"deployment {name} was not registered")
+                pass
+            time.sleep(0.5)
+    raise AssertionError(f"deployment {name} was not registered" + (f" with {config}" if config else ""))
 
 
 @pytest.fixture
@@ -55,7 +58,8 @@ def served(prefect_server, sandbox, example_app):
         cwd=REPO_ROOT, env=prefect_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_deployment("build-and-deploy/on-demand")
+        for name in ("build-and-deploy/on-demand", "build-and-deploy/nightly", "compare-builders/compare"):
+            wait_for_deployment(name, config=str(example_app.pipeline_file.resolve()))
         yield example_app
     finally:
         process.terminate()

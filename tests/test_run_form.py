@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -23,25 +22,11 @@ from flows.config import ConfigError, load_config
 from flows.source import ref_problem
 from sandbox.example import commit_all
 from sandbox.githttp import GitHost
-from tests.test_operations import served, wait_for_deployment  # noqa: F401 - `served` is a fixture
+from tests.test_operations import served  # noqa: F401 - a fixture: the example app's deployments, served
 from tests.test_security import exception_chain_text, run_artifacts, run_jobs, run_logs, task_run_messages
 
 DEPLOYMENTS = ("build-and-deploy/on-demand", "build-and-deploy/nightly", "compare-builders/compare")
 MCP = "weather-mcp"
-
-
-@pytest.fixture
-def deployed(served):
-    """The served example app, once all three deployments carry its pipeline file (an earlier test's serve
-    process may have registered them with its own)."""
-    config, deadline = str(served.pipeline_file.resolve()), time.monotonic() + 90
-    with get_client(sync_client=True) as client:
-        for name in DEPLOYMENTS:
-            wait_for_deployment(name)
-            while client.read_deployment_by_name(name).parameters.get("config") != config:
-                assert time.monotonic() < deadline, f"{name} was not registered with {config}"
-                time.sleep(0.5)
-    return served
 
 
 def run_served(name: str, **parameters):
@@ -53,7 +38,7 @@ def undescribed(schema: dict) -> list[str]:
     return [name for name, spec in schema["properties"].items() if not (spec.get("description") or "").strip()]
 
 
-def test_the_run_form_explains_every_parameter_and_offers_no_connection_settings(deployed):
+def test_the_run_form_explains_every_parameter_and_offers_no_connection_settings(served):
     with get_client(sync_client=True) as client:
         schemas = {name: client.read_deployment_by_name(name).parameter_openapi_schema for name in DEPLOYMENTS}
 
@@ -66,7 +51,7 @@ def test_the_run_form_explains_every_parameter_and_offers_no_connection_settings
         "target"}
 
 
-def test_a_ref_that_is_a_git_option_runs_nothing_on_the_worker(deployed, sandbox, tmp_path):
+def test_a_ref_that_is_a_git_option_runs_nothing_on_the_worker(served, sandbox, tmp_path):
     marker = tmp_path / "upload-pack-ran"
     ref = f"--upload-pack=touch {marker}"
 
@@ -75,15 +60,15 @@ def test_a_ref_that_is_a_git_option_runs_nothing_on_the_worker(deployed, sandbox
     assert not marker.exists(), "git ran the ref as its upload-pack command"
     assert run.state.is_failed()
     assert f"ref {ref!r} is not a branch, tag or commit SHA: it starts with '-'" in run.state.message
-    assert run_jobs(sandbox, deployed.config.build.namespace, run.id) == []
+    assert run_jobs(sandbox, served.config.build.namespace, run.id) == []
 
 
 @pytest.mark.timeout(600)  # four runs of a served deployment, each a new process
-def test_a_config_outside_the_deployments_folder_is_refused_without_reading_it(deployed, tmp_path):
+def test_a_config_outside_the_deployments_folder_is_refused_without_reading_it(served, tmp_path):
     secret_file = tmp_path / "worker-secret.yaml"
     secret_file.write_text("password: hunter2-worker-secret\n  region: [\n")
     relative_escape = "../../x"
-    folder = deployed.pipeline_file.parent.resolve()
+    folder = served.pipeline_file.parent.resolve()
 
     for config in ("/etc/passwd", str(secret_file), relative_escape):
         run = run_served("build-and-deploy/on-demand", config=config)
@@ -94,7 +79,7 @@ def test_a_config_outside_the_deployments_folder_is_refused_without_reading_it(d
         assert "hunter2-worker-secret" not in told
         assert "root:x:0:0" not in told
 
-    inside = run_served("build-and-deploy/on-demand", config=deployed.pipeline_file.name, dry_run=True)
+    inside = run_served("build-and-deploy/on-demand", config=served.pipeline_file.name, dry_run=True)
     assert inside.state.is_completed(), inside.state.message
 
 
