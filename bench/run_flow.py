@@ -14,7 +14,7 @@ import asyncio
 import json
 import time
 
-from flows.pipeline import build_and_deploy
+from flows.pipeline import build_and_deploy, connected_locally
 from sandbox.aws import sandbox_credentials
 
 
@@ -27,10 +27,8 @@ def main() -> None:
     parser.add_argument("--params", default="{}", help="more flow parameters, as JSON")
     args = parser.parse_args()
     started = time.perf_counter()
-    state = asyncio.run(build_and_deploy(
-        config=args.config, aws_credentials=sandbox_credentials(args.aws_url, args.region),
-        kubeconfig=args.kubeconfig, **json.loads(args.params), return_state=True,
-    ))
+    with connected_locally(sandbox_credentials(args.aws_url, args.region), args.kubeconfig):
+        state = asyncio.run(build_and_deploy(config=args.config, **json.loads(args.params), return_state=True))
     wall = time.perf_counter() - started
     result = state.result(raise_on_failure=False)
     components = {c.name: {"outcome": c.outcome, "seconds": c.seconds} for c in getattr(result, "components", [])}

@@ -45,11 +45,11 @@ def _call_flow(args: argparse.Namespace, flow, report, check=lambda config, sele
 
     Bad input (an unknown component, or what `check` refuses) exits 2 before a flow run exists.
     """
-    from flows.pipeline import PipelineFailed
+    from flows.pipeline import PipelineFailed, connected_locally
     from flows.plan import prepare_source, select
 
-    kwargs.update(config=str(Path(args.config).resolve()), ref=args.ref, components=_components(args.components),
-                  kubeconfig=args.kubeconfig)
+    kwargs.update(config=str(Path(args.config).resolve()), ref=args.ref, components=_components(args.components))
+    connection = {"kubeconfig": args.kubeconfig}
     config, _ = prepare_source(Path(args.config), args.ref)
     check(config, select(config, kwargs["components"]))
     sandbox = None
@@ -57,11 +57,12 @@ def _call_flow(args: argparse.Namespace, flow, report, check=lambda config, sele
         from sandbox.stack import Sandbox
 
         sandbox = Sandbox().start()
-        kwargs.update(sandbox.prepare(config))
+        connection.update(sandbox.prepare(config))
     try:
-        state = flow(**kwargs, return_state=True)
-        if asyncio.iscoroutine(state):
-            state = asyncio.run(state)
+        with connected_locally(**connection):
+            state = flow(**kwargs, return_state=True)
+            if asyncio.iscoroutine(state):
+                state = asyncio.run(state)
         try:
             result = state.result()
         except PipelineFailed as exc:

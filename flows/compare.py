@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Annotated
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_table_artifact
-from prefect_aws import AwsCredentials
 from pydantic import BaseModel, Field
 
 from flows import tasks
@@ -27,15 +25,18 @@ from flows.build_run import ImageFacts
 from flows.config import Builder, ComponentSpec, ConfigError, PipelineConfig
 from flows.kube import kube_api
 from flows.limits import ensure_limit
+from flows.deployed import pipeline_file
 from flows.pipeline import (
     BUILDKIT_LIMIT,
     BUILDKIT_LIMIT_DEFAULT,
+    LOCAL_CONNECTION,
     RUN_STARTED,
     ComponentResult,
     PipelineFailed,
     Run,
     clean_up_run,
     connection,
+    deployment_id,
     package_all,
 )
 from flows.plan import select
@@ -128,25 +129,37 @@ def format_comparison(comparison: Comparison) -> str:
 
 @flow(name="compare-builders", on_cancellation=[clean_up_run], on_crashed=[clean_up_run])
 async def compare_builders(
-    config: Annotated[str, Field(description="the pipeline file, a path on the worker")],
-    components: Annotated[list[str] | None, Field(description="components to compare; all when empty")] = None,
-    ref: Annotated[str | None, Field(description="branch, tag or commit; the file's source.ref when empty")] = None,
-    no_cache: Annotated[bool, Field(description="build without the registry cache")] = False,
-    max_parallel_builds: Annotated[int, Field(ge=1, le=50, description="builds at once in this run")] = 4,
-    target: Annotated[str | None, Field(description="a BuildKit Pipeline Target block: account and cluster")] = None,
-    aws_credentials: AwsCredentials | None = None,
-    kubeconfig: str | None = None,
+    config: str,
+    components: list[str] | None = None,
+    ref: str | None = None,
+    no_cache: bool = False,
+    max_parallel_builds: Annotated[int, Field(ge=1, le=50)] = 4,
+    target: str | None = None,
 ) -> Comparison:
-    """Build the selected components from one commit with BuildKit and with Kaniko, and compare the two."""
+    """Build the selected components from one commit with BuildKit and with Kaniko, and compare the two.
+
+    Args:
+        config: The pipeline file (YAML), relative to the folder of the deployment's own pipeline file;
+            a file outside that folder is refused.
+        components: Names of the components to compare (`components[].name` in the pipeline file).
+            Empty: every component.
+        ref: The branch, tag or full commit SHA to build. Empty: the pipeline file's `source.ref`.
+        no_cache: Build without the registry cache, so both builders start cold.
+        max_parallel_builds: Builds at once in this run (1 to 50); the global `buildkit` concurrency
+            limit also caps builds across runs.
+        target: The BuildKit Pipeline Target block to build with: the AWS credentials and the cluster.
+            Empty: the worker's own AWS credentials and cluster.
+    """
     RUN_STARTED.set(time.perf_counter())
-    pipeline, source = await tasks.prepare_source(Path(config), ref)
+    local = LOCAL_CONNECTION.get()
+    pipeline, source = await tasks.prepare_source(await pipeline_file(config, deployment_id()), ref)
     selected = select(pipeline, components)
     check_comparable(pipeline, selected)
     packaged = {c.name: ComponentResult(name=c.name) for c in selected}
     archives = await package_all(pipeline, selected, source, packaged)
     builds = {(c.name, builder): ComponentResult(name=c.name) for c in selected for builder in COMPARED}
     await ensure_limit(BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT)
-    async with connection(target, aws_credentials, kubeconfig, pipeline) as connected:
+    async with connection(target, local.aws_credentials, local.kubeconfig, pipeline) as connected:
         async with kube_api(connected.kubeconfig) as api:
             run = Run(pipeline, source, archives, packaged, connected.credentials, api, connected.kubeconfig,
                       connected.bucket, False, no_cache, asyncio.Semaphore(max_parallel_builds))

@@ -21,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 
+from flows.source import ref_problem
+
 DEFAULT_BUILDKIT_IMAGE = "moby/buildkit:v0.31.2"
 # The maintained fork's executor: osscontainertools/kaniko publishes each release tag `v1.X.Y` on ghcr.io
 # (.github/workflows/images.yaml, "Apply release tags"); patch releases change no behaviour (docs/releases.md).
@@ -59,6 +61,13 @@ def _dns_label(value: str) -> str:
 class SourceSpec(_Strict):
     repo: str = Field(description="git URL (https, ssh, file) or a local path, relative to the pipeline file")
     ref: str = Field(default="main", description="branch, tag or full commit SHA")
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, ref: str) -> str:
+        if problem := ref_problem(ref):
+            raise ValueError(f"{ref!r} is not a branch, tag or commit SHA: it {problem}")
+        return ref
 
 
 class AwsSpec(_Strict):
@@ -317,6 +326,13 @@ def parse_config(data: object) -> PipelineConfig:
         raise ConfigError([line for error in exc.errors() for line in _describe(error).splitlines()]) from None
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """What PyYAML found and where, without the lines it quotes: the file may not be a pipeline file at all."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def load_config(path: Path) -> PipelineConfig:
     """Read and validate a pipeline file (YAML)."""
     try:
@@ -328,7 +344,7 @@ def load_config(path: Path) -> PipelineConfig:
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+        raise ConfigError([f"{path}: not valid YAML: {yaml_problem(exc)}"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{path}: expected a mapping at the top level"])
     return parse_config(data)

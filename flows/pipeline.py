@@ -19,11 +19,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, AsyncIterator, Literal
+from typing import Annotated, AsyncIterator, Iterator, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from prefect.context import FlowRunContext
 from prefect.events import emit_event
 from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import deployment, flow_run
@@ -38,6 +38,7 @@ from flows.build_run import delete_run_objects
 from flows.builders import log_reader
 from flows.config import Builder, ComponentSpec, ConfigError, PipelineConfig, load_config
 from flows.deploy import DeployedRelease
+from flows.deployed import pipeline_file
 from flows.diagnose import explain_failure
 from flows.kube import kube_api
 from flows.limits import ensure_limit, held_slot, previous_table
@@ -101,6 +102,39 @@ class Connection:
     credentials: AwsCredentials
     kubeconfig: str | None
     bucket: str
+
+
+@dataclass(frozen=True)
+class LocalConnection:
+    """AWS credentials and a kubeconfig given by the process that starts a run itself."""
+
+    aws_credentials: AwsCredentials | None = None
+    kubeconfig: str | None = None
+
+
+LOCAL_CONNECTION: ContextVar[LocalConnection] = ContextVar("local_connection", default=LocalConnection())
+
+
+@contextmanager
+def connected_locally(aws_credentials: AwsCredentials | None = None, kubeconfig: str | None = None) -> Iterator[None]:
+    """Runs started inside this block (the CLI's `run --kubeconfig`/`--sandbox`, the tests) use these.
+
+    They are not flow parameters, so a deployment's run form cannot name a file or
+    an identity on the worker: a deployment's runs connect through their `target`
+    block, else the worker's own default chain. A ContextVar reaches the flow run,
+    its tasks and its hooks in this process, and nothing in a worker's.
+    """
+    token = LOCAL_CONNECTION.set(LocalConnection(aws_credentials, kubeconfig))
+    try:
+        yield
+    finally:
+        LOCAL_CONNECTION.reset(token)
+
+
+def deployment_id():
+    """The deployment this flow run was started from; None for a run started in this process."""
+    context = FlowRunContext.get()
+    return context.flow_run.deployment_id if context and context.flow_run else None
 
 
 @contextlib.asynccontextmanager
@@ -352,12 +386,12 @@ async def report(result: PipelineResult, config: PipelineConfig, previous: list[
 
 async def clean_up_run(flow, run, state) -> None:
     """Delete the build Jobs and Secrets of a cancelled or crashed run, so nothing keeps building for nobody."""
-    parameters = run.parameters or {}
+    parameters, local = run.parameters or {}, LOCAL_CONNECTION.get()
     try:
-        config = load_config(Path(parameters["config"]))
+        config = load_config(await pipeline_file(parameters["config"], run.deployment_id))
     except (KeyError, ConfigError):
         return
-    async with connection(parameters.get("target"), None, parameters.get("kubeconfig"), config) as connected:
+    async with connection(parameters.get("target"), local.aws_credentials, local.kubeconfig, config) as connected:
         async with kube_api(connected.kubeconfig) as api:
             deleted = await delete_run_objects(api, config.build.namespace, str(run.id))
     flow_run_logger(run, flow).info("deleted %d build objects of run %s", deleted, run.name)
@@ -365,22 +399,40 @@ async def clean_up_run(flow, run, state) -> None:
 
 @flow(name="build-and-deploy", on_cancellation=[clean_up_run], on_crashed=[clean_up_run])
 async def build_and_deploy(
-    config: Annotated[str, Field(description="the pipeline file, a path on the worker")],
-    components: Annotated[list[str] | None, Field(description="components to run; all when empty")] = None,
-    ref: Annotated[str | None, Field(description="branch, tag or commit; the file's source.ref when empty")] = None,
-    skip_unchanged: Annotated[bool, Field(description="reuse the image of a context built before")] = False,
-    no_cache: Annotated[bool, Field(description="build without importing the registry cache")] = False,
-    deploy: Annotated[bool, Field(description="roll out the releases after building")] = True,
-    dry_run: Annotated[bool, Field(description="package and plan only: nothing uploaded, built or deployed")] = False,
-    max_parallel_builds: Annotated[int, Field(ge=1, le=50, description="builds at once in this run")] = 4,
-    target: Annotated[str | None, Field(description="a BuildKit Pipeline Target block: account and cluster")] = None,
-    aws_credentials: AwsCredentials | None = None,
-    kubeconfig: str | None = None,
+    config: str,
+    components: list[str] | None = None,
+    ref: str | None = None,
+    skip_unchanged: bool = False,
+    no_cache: bool = False,
+    deploy: bool = True,
+    dry_run: bool = False,
+    max_parallel_builds: Annotated[int, Field(ge=1, le=50)] = 4,
+    target: str | None = None,
 ) -> PipelineResult:
-    """Build every selected component with BuildKit in the cluster and roll out its helm release."""
+    """Build every selected component with BuildKit in the cluster and roll out its helm release.
+
+    Args:
+        config: The pipeline file (YAML), relative to the folder of the deployment's own pipeline file;
+            a file outside that folder is refused.
+        components: Names of the components to build and deploy (`components[].name` in the pipeline
+            file). Empty: every component.
+        ref: The branch, tag or full commit SHA to build. Empty: the pipeline file's `source.ref`.
+        skip_unchanged: Reuse the image already pushed for an identical build context (its `ctx-` tag)
+            instead of building it again.
+        no_cache: Build without importing the registry cache.
+        deploy: Roll out each component's helm release after its build. Off: build and push only.
+        dry_run: Check the pipeline file, fetch the commit and package the contexts; upload, build and
+            deploy nothing.
+        max_parallel_builds: Builds at once in this run (1 to 50); the global `buildkit` concurrency
+            limit also caps builds across runs.
+        target: The BuildKit Pipeline Target block to build and deploy with: the AWS credentials and
+            the cluster. Empty: the worker's own AWS credentials and cluster.
+    """
     started = time.perf_counter()
     RUN_STARTED.set(started)
-    (pipeline, source), previous_timing = await asyncio.gather(tasks.prepare_source(Path(config), ref),
+    local = LOCAL_CONNECTION.get()
+    config_path = await pipeline_file(config, deployment_id())
+    (pipeline, source), previous_timing = await asyncio.gather(tasks.prepare_source(config_path, ref),
                                                               previous_table(timing_key()))
     selected = select(pipeline, components)
     results = {c.name: ComponentResult(name=c.name) for c in selected}
@@ -389,7 +441,7 @@ async def build_and_deploy(
         for component in selected:
             results[component.name].outcome = "planned"
     else:
-        async with (connection(target, aws_credentials, kubeconfig, pipeline) as connected,
+        async with (connection(target, local.aws_credentials, local.kubeconfig, pipeline) as connected,
                     kube_api(connected.kubeconfig) as api):
             archives, _, _ = await asyncio.gather(
                 package_all(pipeline, selected, source, results),

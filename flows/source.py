@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict
 
 FULL_SHA = re.compile(r"^[0-9a-f]{40}$")
 SCP_LIKE = re.compile(r"^[\w.-]+@[\w.-]+:")
+# git/git refs.c (v2.39.5) refname_disposition: ASCII control characters, DEL, space, ~ ^ : ? [ \ and the
+# refspec pattern * are never part of a ref name.
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]*@")
 
 
 class SourceError(RuntimeError):
@@ -59,13 +63,61 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def ref_problem(ref: str) -> str | None:
+    """Why `ref` is not a branch, tag or full commit SHA that git can be asked for safely; None when it is.
+
+    A name must pass `git check-ref-format --allow-onelevel` (git/git refs.c
+    check_refname_format, v2.39.5) and must not start with `-`: git reads such an
+    argument as an option, and `--upload-pack=<command>` runs the command.
+    """
+    if FULL_SHA.match(ref):
+        return None
+    if not ref:
+        return "is empty"
+    if ref.startswith("-"):
+        return "starts with '-'"
+    if ref == "@":
+        return "is '@'"
+    if found := _REF_FORBIDDEN.search(ref):
+        return f"contains {found[0]!r}"
+    for sequence in ("..", "@{"):
+        if sequence in ref:
+            return f"contains {sequence!r}"
+    for component in ref.split("/"):
+        if not component:
+            return "has an empty path component (a leading, trailing or double '/')"
+        if component.startswith("."):
+            return f"has a path component starting with '.' ({component!r})"
+        if component.endswith(".lock"):
+            return f"has a path component ending in '.lock' ({component!r})"
+    if ref.endswith("."):
+        return "ends with '.'"
+    return None
+
+
+def check_ref(ref: str) -> str:
+    """`ref` itself, or a SourceError saying why git must not be asked for it."""
+    if problem := ref_problem(ref):
+        raise SourceError(f"ref {ref!r} is not a branch, tag or commit SHA: it {problem}")
+    return ref
+
+
+def without_userinfo(text: str) -> str:
+    """`text` with the user and password (a token, often) taken out of every URL in it."""
+    return _USERINFO.sub(r"\g<scheme>", text)
+
+
 def _git_error(exc: git.GitCommandError, repo: str) -> str:
     message = str(exc.stderr or exc).strip().removeprefix("stderr:").strip().strip("'").strip()
-    return message.replace(repo, public_url(repo))
+    return without_userinfo(message.replace(repo, public_url(repo)))
 
 
 def _fetch(repository: git.Repo, repo: str, ref: str) -> str:
-    """Fetch just what `ref` needs and return its commit SHA."""
+    """Fetch just what `ref` needs and return its commit SHA.
+
+    `--end-of-options` (git parse-options.c, v2.39.5) makes git read `ref` as a
+    ref whatever it looks like; `check_ref` has refused option-like refs already.
+    """
     if FULL_SHA.match(ref):
         try:
             repository.commit(ref)
@@ -73,12 +125,12 @@ def _fetch(repository: git.Repo, repo: str, ref: str) -> str:
         except (ValueError, git.BadName):
             pass
     try:
-        repository.git.fetch("--depth=1", "--no-tags", "origin", ref)
+        repository.git.fetch("--depth=1", "--no-tags", "--end-of-options", "origin", ref)
     except git.GitCommandError as exc:
         if not FULL_SHA.match(ref):
             raise SourceError(f"cannot fetch ref {ref!r} from {public_url(repo)}: {_git_error(exc, repo)}") from None
         try:
-            repository.git.fetch("--no-tags", "origin")
+            repository.git.fetch("--no-tags", "--end-of-options", "origin")
             repository.commit(ref)
             return ref
         except (git.GitCommandError, ValueError):
@@ -87,10 +139,16 @@ def _fetch(repository: git.Repo, repo: str, ref: str) -> str:
 
 
 def public_url(repo: str) -> str:
-    """The repository URL without any user or token, fit for labels and logs."""
+    """The repository URL without its user and password, fit for labels, logs and errors.
+
+    `https://<token>@host/...` carries the token as the user name, so the whole
+    userinfo goes, not only a password; so does the user of `user@host:path`.
+    """
     parts = urlsplit(repo)
-    if parts.scheme in ("http", "https", "ssh") and parts.password:
-        return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")))
+    if parts.scheme and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    if not parts.scheme and SCP_LIKE.match(repo):
+        return repo.partition("@")[2]
     return repo
 
 
@@ -117,7 +175,12 @@ def _dirty_worktree(repo: str, ref: str) -> SourceCheckout | None:
 
 
 def checkout(repo: str, ref: str, cache_dir: Path | None = None) -> SourceCheckout:
-    """Check out `ref` of `repo` (a URL, see resolve_repo) into the cache; return the exact commit."""
+    """Check out `ref` of `repo` (a URL, see resolve_repo) into the cache; return the exact commit.
+
+    The checkout names the repository by its public URL only: whatever holds it
+    (image labels, the plan, logs) never sees a token.
+    """
+    check_ref(ref)
     if dirty := _dirty_worktree(repo, ref):
         return dirty
     cache_dir = cache_dir or cache_root() / "sources"
@@ -128,10 +191,13 @@ def checkout(repo: str, ref: str, cache_dir: Path | None = None) -> SourceChecko
             repository = git.Repo(clone_dir)
         else:
             repository = git.Repo.init(clone_dir)
-            repository.create_remote("origin", repo)
+            try:
+                repository.create_remote("origin", repo)
+            except git.GitCommandError as exc:
+                raise SourceError(f"cannot use {public_url(repo)} as a git remote: {_git_error(exc, repo)}") from None
         commit = _fetch(repository, repo, ref)
         tree = cache_dir / key / "trees" / commit
         if not tree.exists():
             repository.git.worktree("prune")
             repository.git.worktree("add", "--detach", "--force", str(tree), commit)
-    return SourceCheckout(repo=repo, ref=ref, commit=commit, path=tree)
+    return SourceCheckout(repo=public_url(repo), ref=ref, commit=commit, path=tree)

@@ -20,7 +20,7 @@ from prefect.client.schemas.objects import State  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.config import PipelineConfig, load_config  # noqa: E402
-from flows.pipeline import build_and_deploy  # noqa: E402
+from flows.pipeline import build_and_deploy, connected_locally  # noqa: E402
 from sandbox.example import commit_all, create_example_repo  # noqa: E402
 from sandbox.stack import Sandbox  # noqa: E402
 
@@ -47,15 +47,20 @@ class ExampleApp:
     pipeline_file: Path
     config: PipelineConfig
     flow_kwargs: dict
+    """The sandbox's `aws_credentials` and `kubeconfig`: not flow parameters, see `connected`."""
 
     @property
     def root(self) -> Path:
         return self.pipeline_file.parent
 
+    def connected(self):
+        """Runs started inside this block build and deploy on the sandbox (flows.pipeline.connected_locally)."""
+        return connected_locally(**self.flow_kwargs)
+
     def run(self, **params) -> State:
         """One run of the real flow against the sandbox; the final state, failed or not."""
-        return asyncio.run(build_and_deploy(config=str(self.pipeline_file), **self.flow_kwargs, **params,
-                                            return_state=True))
+        with self.connected():
+            return asyncio.run(build_and_deploy(config=str(self.pipeline_file), **params, return_state=True))
 
 
 _apps = itertools.count(1)

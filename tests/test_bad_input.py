@@ -116,6 +116,10 @@ CASES = [
     case("unknown-component", "components: no component named 'weather-db'",
          argv=("--components", "weather-mcp,weather-db")),
     case("unknown-ref", "cannot fetch ref 'v9.9.9'", argv=("--ref", "v9.9.9")),
+    case("ref-is-a-git-option", "ref '--upload-pack=touch /tmp/x' is not a branch, tag or commit SHA: "
+         "it starts with '-'", argv=("--ref=--upload-pack=touch /tmp/x",)),
+    case("source-ref-not-a-ref-name", "source.ref: 'main..v2' is not a branch, tag or commit SHA: it contains '..'",
+         change=replace("ref: main", "ref: main..v2")),
 ]
 
 

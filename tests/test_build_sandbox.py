@@ -179,8 +179,7 @@ def test_a_cancelled_run_leaves_no_job_and_no_secret(prefect_server, sandbox, ex
     namespace = example_app.config.build.namespace
 
     async def start_then_cancel():
-        task = asyncio.create_task(build_and_deploy(config=str(example_app.pipeline_file),
-                                                    **example_app.flow_kwargs, deploy=False))
+        task = asyncio.create_task(build_and_deploy(config=str(example_app.pipeline_file), deploy=False))
         while not jobs(sandbox, example_app, MCP):
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)
@@ -188,7 +187,8 @@ def test_a_cancelled_run_leaves_no_job_and_no_secret(prefect_server, sandbox, ex
         with contextlib.suppress(BaseException):
             await task
 
-    asyncio.run(start_then_cancel())
+    with example_app.connected():
+        asyncio.run(start_then_cancel())
 
     wait_for(lambda: not jobs(sandbox, example_app, MCP), timeout=10)
     assert sandbox.kube.list("secrets", namespace) == []

@@ -35,8 +35,8 @@ def test_every_component_is_built_by_both_builders_one_after_the_other_and_compa
         monkeypatch.setitem(sandbox.kaniko.build_seconds, repository, 4.0)
 
     # Without the registry cache, which earlier tests may have filled: every build takes its simulated time.
-    state = asyncio.run(compare_builders(config=str(app.pipeline_file), no_cache=True, **app.flow_kwargs,
-                                         return_state=True))
+    with app.connected():
+        state = asyncio.run(compare_builders(config=str(app.pipeline_file), no_cache=True, return_state=True))
     comparison = state.result()
 
     rows = comparison_artifact(state.state_details.flow_run_id)

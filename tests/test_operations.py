@@ -32,16 +32,19 @@ def prefect(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def wait_for_deployment(name: str, timeout: float = 90) -> None:
+def wait_for_deployment(name: str, timeout: float = 90, config: str | None = None) -> None:
+    """Until the deployment exists, and with `config` until it has that pipeline file: an earlier test's serve
+    process registered the same deployments with its own, and a run created before the update would get it."""
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
         while time.monotonic() < deadline:
             try:
-                client.read_deployment_by_name(name)
-                return
+                if config is None or client.read_deployment_by_name(name).parameters.get("config") == config:
+                    return
             except ObjectNotFound:
-                time.sleep(0.5)
-    raise AssertionError(f"deployment {name} was not registered")
+                pass
+            time.sleep(0.5)
+    raise AssertionError(f"deployment {name} was not registered" + (f" with {config}" if config else ""))
 
 
 @pytest.fixture
@@ -55,7 +58,8 @@ def served(prefect_server, sandbox, example_app):
         cwd=REPO_ROOT, env=prefect_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for_deployment("build-and-deploy/on-demand")
+        for name in ("build-and-deploy/on-demand", "build-and-deploy/nightly", "compare-builders/compare"):
+            wait_for_deployment(name, config=str(example_app.pipeline_file.resolve()))
         yield example_app
     finally:
         process.terminate()
@@ -125,6 +129,10 @@ def test_prefect_deploy_all_creates_the_nightly_schedule_on_demand_and_compare(p
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "Europe/Berlin", True)
     assert nightly.parameters["skip_unchanged"] is False and on_demand.parameters["skip_unchanged"] is True
     assert nightly.work_pool_name == on_demand.work_pool_name == "buildkit-pipeline"
+    for deployment in (nightly, on_demand, compare):
+        properties = deployment.parameter_openapi_schema["properties"]
+        assert not {"aws_credentials", "kubeconfig"} & set(properties)
+        assert [name for name, spec in properties.items() if not spec.get("description")] == []
     assert on_demand.schedules == []
 
 

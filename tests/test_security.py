@@ -368,14 +368,15 @@ def cancel_once_the_job_exists(sandbox, app, first_request: int, **params) -> No
                    for r in sandbox.kube.requests[first_request:])
 
     async def start_then_cancel() -> None:
-        run = asyncio.create_task(build_and_deploy(config=str(app.pipeline_file), **app.flow_kwargs, **params))
+        run = asyncio.create_task(build_and_deploy(config=str(app.pipeline_file), **params))
         while not job_created() and not run.done():
             await asyncio.sleep(0.05)
         run.cancel()
         with contextlib.suppress(BaseException):
             await run
 
-    asyncio.run(start_then_cancel())
+    with app.connected():
+        asyncio.run(start_then_cancel())
 
 
 def test_the_role_grants_exactly_what_the_flow_uses_in_the_build_namespace(prefect_server, sandbox, example_app):
