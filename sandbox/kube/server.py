@@ -42,6 +42,7 @@ class RequestRecord:
     name: str | None = None
     content_type: str | None = None
     status: int = 0
+    user: str | None = None
     time: float = field(default_factory=time.monotonic)
 
 
@@ -188,9 +189,13 @@ class ApiServer:
             name=route.name if route else None, content_type=request.headers.get("Content-Type"))
         with self.lock:
             self.records.append(record)
-        fault = self._take_fault(request.method, request.path)
-        if fault is not None and not fault.after:
-            response: web.StreamResponse = fault_response(fault)
+        user, refused = self.emulator.rbac.check(request.method, request.path, request.query_string, request.headers)
+        record.user = user.name if user else None
+        fault = None if refused else self._take_fault(request.method, request.path)
+        if refused is not None:
+            response: web.StreamResponse = error_response(refused)
+        elif fault is not None and not fault.after:
+            response = fault_response(fault)
         else:
             try:
                 response = await self.dispatch(request, route, query, record)
@@ -224,6 +229,9 @@ class ApiServer:
             return self.serve_list(rt, namespace, query, as_table)
         if route.subresource == "log" and verb == "get":
             return await self.serve_log(request, namespace, route.name, query, record)
+        if rt.plural == "serviceaccounts" and route.subresource == "token" and verb == "create":
+            self.store.get(rt.plural, namespace, route.name)
+            return json_response(self.emulator.rbac.token_request(namespace, route.name, body), 201)
         if route.subresource not in (None, "status", "scale"):
             raise errors.ApiError(404, "the server could not find the requested resource", "NotFound")
         if verb == "get":
