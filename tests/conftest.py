@@ -30,7 +30,7 @@ HELM = REPO_ROOT / ".tools" / "bin" / "helm"
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    with prefect_test_harness(server_startup_timeout=60):
+    with prefect_test_harness(server_startup_timeout=300):
         yield
 
 
