@@ -29,9 +29,17 @@ HELM = ROOT / ".tools" / "bin" / "helm"
 # ------------------------------------------------------------------------ fixtures
 
 
+# The namespaces the tests below work in, created beforehand as an admin would: the emulator refuses objects in a
+# namespace that does not exist (NamespaceLifecycle admission).
+NAMESPACES = ("web", "reapply", "jobs", "secrets", "async", "resume", "expired", "faults", "lost", "put", "gen",
+              "sel", "gc", "ssa", "raw", "logs", "backoff", "deadline")
+
+
 @pytest.fixture(scope="module")
 def emu():
     emulator = KubeEmulator(rollout_delay=0.1, job_pod_duration=0.1)
+    for namespace in NAMESPACES:
+        emulator.create("namespaces", None, {"metadata": {"name": namespace}})
     emulator.start()
     yield emulator
     emulator.stop()
@@ -577,3 +585,43 @@ def test_pod_logs_follow_until_the_pod_terminates(emu):
         assert response.read() == b"step 2\n"
     with urllib.request.urlopen(f"{emu.url}/api/v1/namespaces/logs/pods/p/log?tailLines=1") as response:
         assert response.read() == b"step 2\n"
+
+
+# ------------------------------------------------------------------------ NamespaceLifecycle admission
+
+
+def test_content_in_a_missing_namespace_is_refused_with_the_api_servers_404(emu, kubeconfig):
+    done = kubectl("create", "secret", "generic", "s", "-n", "absent", "--from-literal=a=b", kubeconfig=kubeconfig,
+                   check=False)
+    assert (done.returncode, done.stderr.strip()) == (1, 'error: failed to create secret namespaces "absent" not found')
+    code, body = http(emu, "PATCH", "/api/v1/namespaces/absent/configmaps/c?fieldManager=t",
+                      {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}},
+                      content_type="application/apply-patch+yaml")
+    assert (code, body["reason"], body["message"]) == (404, "NotFound", 'namespaces "absent" not found')
+    assert body["details"]["kind"] == "namespaces" and body["details"]["name"] == "absent"
+    assert emu.get("secrets", "absent", "s") is None and emu.get("configmaps", "absent", "c") is None
+
+
+def test_a_terminating_namespace_takes_no_new_content_and_immortal_namespaces_stay(emu, kubeconfig):
+    emu.create("namespaces", None, {"metadata": {"name": "closing", "finalizers": ["sandbox.test/hold"]}})
+    emu.create("configmaps", "closing", {"metadata": {"name": "old"}})
+    kubectl("delete", "namespace", "closing", "--wait=false", kubeconfig=kubeconfig)
+    assert emu.get("namespaces", None, "closing")["status"]["phase"] == "Terminating"
+
+    done = kubectl("create", "configmap", "new", "-n", "closing", kubeconfig=kubeconfig, check=False)
+    assert (done.returncode, done.stderr.strip()) == (1, (
+        'error: failed to create configmap: configmaps "new" is forbidden: unable to create new content in namespace '
+        "closing because it is being terminated"))
+    code, body = http(emu, "POST", "/api/v1/namespaces/closing/secrets", {"metadata": {"generateName": "g-"}})
+    assert (code, body["reason"]) == (403, "Forbidden")
+    assert body["message"] == ('secrets "g-" is forbidden: unable to create new content in namespace closing '
+                               "because it is being terminated")
+    assert body["details"]["causes"] == [{"reason": "NamespaceTerminating", "field": "metadata.namespace",
+                                          "message": "namespace closing is being terminated"}]
+    kubectl("label", "configmap", "old", "-n", "closing", "still=updatable", kubeconfig=kubeconfig)
+    kubectl("delete", "configmap", "old", "-n", "closing", kubeconfig=kubeconfig)
+
+    done = kubectl("delete", "namespace", "default", kubeconfig=kubeconfig, check=False)
+    assert (done.returncode, done.stderr.strip()) == (1, (
+        'Error from server (Forbidden): namespaces "default" is forbidden: this namespace may not be deleted'))
+    assert emu.get("namespaces", None, "default") is not None

@@ -58,7 +58,8 @@ def provision(sandbox, app, *, release_namespaces: list[str]) -> str:
     deployments/rbac-release.yaml in each release namespace; returns a kubeconfig of the flow's ServiceAccount."""
     build = app.config.build.namespace
     for namespace in [build, *release_namespaces]:
-        admin(sandbox, "create", "namespace", namespace)
+        if sandbox.kube.get("namespaces", None, namespace) is None:  # Sandbox.prepare creates those of the config
+            admin(sandbox, "create", "namespace", namespace)
     admin(sandbox, "apply", "-f", "-", stdin=in_build_namespace(RBAC_FILE.read_text(), build))
     for namespace in release_namespaces:
         admin(sandbox, "apply", "-n", namespace, "-f", "-",
@@ -256,7 +257,8 @@ def set_release_key(app, component: str, key: str, value) -> None:
 def test_create_namespace_is_opt_in_and_works_with_the_shipped_cluster_role(prefect_server, sandbox, example_app):
     """`release.create_namespace: true` with deployments/rbac-create-namespace.yaml: helm creates the namespace."""
     app = example_app
-    mcp_namespace = app.config.component(MCP).release.namespace
+    mcp_namespace = f"{app.config.component(MCP).release.namespace}-helm-made"
+    set_release_key(app, MCP, "namespace", mcp_namespace)
     set_release_key(app, MCP, "create_namespace", True)
     kubeconfig = provision(sandbox, app, release_namespaces=[])
     admin(sandbox, "apply", "-n", app.config.build.namespace, "-f", "-",
@@ -271,3 +273,20 @@ def test_create_namespace_is_opt_in_and_works_with_the_shipped_cluster_role(pref
     namespace = sandbox.kube.get("namespaces", None, mcp_namespace)
     assert namespace["metadata"]["labels"]["name"] == mcp_namespace, "helm's own Namespace (install.go)"
     assert helm_revisions(sandbox, MCP, mcp_namespace) == [1]
+
+
+def test_a_release_into_a_namespace_nobody_created_fails_with_helms_message(prefect_server, sandbox, example_app):
+    """Without `release.create_namespace`, helm does not create the release namespace and the API server refuses
+    its release Secret there (NamespaceLifecycle): the run fails naming the namespace; nothing lands anywhere."""
+    app = example_app
+    missing = f"{app.config.component(MCP).release.namespace}-never-created"
+    set_release_key(app, MCP, "namespace", missing)
+
+    state = app.run(components=[MCP])
+
+    assert state.is_failed()
+    assert f'create: failed to create: namespaces "{missing}" not found' in state.message, "helm's storage driver"
+    assert sandbox.kube.get("namespaces", None, missing) is None
+    assert sandbox.kube.list("secrets", missing) == []
+    refused = [r for r in sandbox.kube.requests if r.namespace == missing and r.verb == "create"]
+    assert refused and {r.status for r in refused} == {404}

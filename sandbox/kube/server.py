@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from aiohttp import web
 
-from . import catalog, errors, patching, protobuf, selectors, tables
+from . import catalog, errors, namespace_lifecycle, patching, protobuf, selectors, tables
 from .catalog import ResourceType
 from .pods import container_names, is_terminal
 
@@ -222,6 +222,8 @@ class ApiServer:
         namespace = route.namespace if rt.namespaced else None
         body = decode_body(await request.read(), request.content_type) if request.can_read_body else None
         verb = record.verb
+        namespace_lifecycle.admit_request(self.store, rt, namespace, verb, route.name, body,
+                                          request.headers.get("Content-Type", ""))
         if verb == "watch":
             return await self.serve_watch(request, rt, namespace, route.name, query, record)
         as_table = tables.wants_table(request.headers.get("Accept", ""))
