@@ -212,6 +212,62 @@ def test_kubectl_with_a_service_account_kubeconfig_sends_the_token(sandbox, acco
         'cannot create resource "namespaces" in API group "" at the cluster scope')
 
 
+def test_a_service_account_cannot_grant_more_than_it_holds_without_escalate_or_bind(sandbox, account):
+    """RBAC escalation prevention: creating or changing a Role needs every permission in it (or `escalate`), a
+    RoleBinding needs the referenced role's permissions (or `bind` on it); refusals are the API server's 403."""
+    namespace, token = account
+    user = f"system:serviceaccount:{namespace}:robot"
+    groups = f'["system:serviceaccounts" "system:serviceaccounts:{namespace}" "system:authenticated"]'
+    rbac_api = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{namespace}"
+    rbac_rights = {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
+                   "verbs": ["create", "get", "patch", "update"]}
+    grant(sandbox, namespace, [rbac_rights, {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}])
+
+    def role(name: str, rules: list[dict]) -> tuple[int, dict]:
+        return call(sandbox, "POST", f"{rbac_api}/roles", token, {"metadata": {"name": name}, "rules": rules})
+
+    def binding(name: str, kind: str, role_name: str) -> tuple[int, dict]:
+        return call(sandbox, "POST", f"{rbac_api}/rolebindings", token, {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role_name},
+            "subjects": [{"kind": "ServiceAccount", "name": "robot", "namespace": namespace}]})
+
+    status, answer = role("wider", [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+                                    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list"]}])
+    assert (status, answer["reason"], answer["message"]) == (403, "Forbidden", (
+        f'roles.rbac.authorization.k8s.io "wider" is forbidden: user "{user}" (groups={groups}) is attempting to '
+        'grant RBAC permissions not currently held:\n{APIGroups:[""], Resources:["secrets"], Verbs:["get" "list"]}'))
+    assert answer["details"] == {"name": "wider", "group": "rbac.authorization.k8s.io", "kind": "roles"}
+    assert role("narrow", [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}])[0] == 201
+
+    status, answer = binding("admin", "ClusterRole", "cluster-admin")
+    assert (status, answer["message"]) == (403, (
+        f'rolebindings.rbac.authorization.k8s.io "admin" is forbidden: user "{user}" (groups={groups}) is attempting '
+        'to grant RBAC permissions not currently held:\n{APIGroups:["*"], Resources:["*"], Verbs:["*"]}\n'
+        '{NonResourceURLs:["*"], Verbs:["*"]}'))
+    assert binding("narrow", "Role", "narrow")[0] == 201
+    status, answer = binding("ghost", "Role", "ghost")
+    assert (status, answer["message"]) == (404, 'roles.rbac.authorization.k8s.io "ghost" not found')
+    status, answer = call(sandbox, "PATCH", f"{rbac_api}/roles/narrow", token,
+                          {"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]},
+                          "application/merge-patch+json")
+    assert (status, answer["message"].split(":")[0]) == (403, 'roles.rbac.authorization.k8s.io "narrow" is forbidden')
+    assert sandbox.kube.get("roles", namespace, "narrow")["rules"][0]["resources"] == ["configmaps"]
+    assert {sandbox.kube.get("rolebindings", namespace, n) is None for n in ("admin", "ghost")} == {True}
+    assert sandbox.kube.get("roles", namespace, "wider") is None
+
+    sandbox.kube.patch("roles", namespace, "robot", {"rules": [rbac_rights, {
+        "apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["escalate"]}, {
+        "apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"], "verbs": ["bind"],
+        "resourceNames": ["cluster-admin"]}]})
+    status, answer = call(sandbox, "PATCH", f"{rbac_api}/roles/narrow", token,
+                          {"rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]},
+                          "application/merge-patch+json")
+    assert status == 200, answer
+    assert sandbox.kube.get("roles", namespace, "narrow")["rules"][0]["resources"] == ["secrets"]
+    assert binding("admin", "ClusterRole", "cluster-admin")[0] == 201, "bind on that ClusterRole"
+
+
 # ---------------------------------------------------------------- the flow under the shipped manifests
 
 

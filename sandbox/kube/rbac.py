@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import json
 import os
 import pathlib
 import secrets
@@ -254,6 +255,160 @@ def _forbidden_status(attrs: Attributes, text: str) -> errors.ApiError:
                            {"name": attrs.name, "group": attrs.api_group, "kind": attrs.resource})
 
 
+# ---------------------------------------------------------------- escalation prevention
+#
+# kubernetes/kubernetes pkg/registry/rbac/role/policybased/storage.go, clusterrole/policybased/storage.go,
+# rolebinding/policybased/storage.go, clusterrolebinding/policybased/storage.go (read at 04791b4):
+# a Role or ClusterRole is created or updated only by system:masters, by a user allowed to `escalate` it
+# (pkg/registry/rbac/escalation_check.go RoleEscalationAuthorized), or by one who holds every permission in it
+# (pkg/registry/rbac/validation/rule.go ConfirmNoEscalation, staging/src/k8s.io/component-helpers/auth/rbac/
+# validation/policy_comparator.go Covers); a RoleBinding or ClusterRoleBinding needs `bind` on the role it refers
+# to (BindingAuthorized) or every permission of that role. A refusal is apierrors.NewForbidden with the
+# ConfirmNoEscalation text; a binding to a role that does not exist answers the role's 404.
+
+ESCALATION_GUARDED = {"roles", "clusterroles", "rolebindings", "clusterrolebindings"}
+
+
+def _breakdown(rule: dict) -> list[dict]:
+    """policy_comparator.go BreakdownRule: one verb, one resource, one resource name per rule."""
+    subrules = []
+    for group in rule.get("apiGroups") or []:
+        for resource in rule.get("resources") or []:
+            for verb in rule.get("verbs") or []:
+                names = rule.get("resourceNames") or []
+                base = {"apiGroups": [group], "resources": [resource], "verbs": [verb]}
+                subrules += [{**base, "resourceNames": [n]} for n in names] if names else [base]
+    for url in rule.get("nonResourceURLs") or []:
+        for verb in rule.get("verbs") or []:
+            subrules.append({"nonResourceURLs": [url], "verbs": [verb]})
+    return subrules
+
+
+def _resources_cover(owned: list[str], wanted: list[str]) -> bool:
+    if "*" in owned or set(wanted) <= set(owned):
+        return True
+    for path in wanted:
+        if path in owned:
+            continue
+        if "/" not in path or f"*/{path.split('/', 1)[1]}" not in owned:
+            return False
+    return True
+
+
+def _urls_cover(owned: list[str], wanted: list[str]) -> bool:
+    return all(any(o == p or (o.endswith("*") and p.startswith(o.rstrip("*"))) for o in owned) for p in wanted)
+
+
+def _rule_covers(owner: dict, sub: dict) -> bool:
+    """policy_comparator.go ruleCovers."""
+    verbs, groups = owner.get("verbs") or [], owner.get("apiGroups") or []
+    owner_names, sub_names = owner.get("resourceNames") or [], sub.get("resourceNames") or []
+    names = not owner_names if not sub_names else (not owner_names or set(sub_names) <= set(owner_names))
+    return (("*" in verbs or set(sub.get("verbs") or []) <= set(verbs))
+            and ("*" in groups or set(sub.get("apiGroups") or []) <= set(groups))
+            and _resources_cover(owner.get("resources") or [], sub.get("resources") or [])
+            and _urls_cover(owner.get("nonResourceURLs") or [], sub.get("nonResourceURLs") or [])
+            and names)
+
+
+def uncovered(owner_rules: list[dict], rules: list[dict]) -> list[dict]:
+    """policy_comparator.go Covers: the broken-down rules no owner rule covers."""
+    return [sub for rule in rules for sub in _breakdown(rule) if not any(_rule_covers(o, sub) for o in owner_rules)]
+
+
+def _compact(rules: list[dict]) -> list[dict]:
+    """pkg/registry/rbac/validation/policy_compact.go CompactRules: single group/resource rules merge their verbs."""
+    compacted, simple = [], {}
+    for rule in rules:
+        if set(rule) == {"apiGroups", "resources", "verbs"} and len(rule["apiGroups"]) == len(rule["resources"]) == 1:
+            key = (rule["apiGroups"][0], rule["resources"][0])
+            if key in simple:
+                simple[key]["verbs"] = simple[key]["verbs"] + rule["verbs"]
+            else:
+                simple[key] = {**rule, "verbs": list(rule["verbs"])}
+        else:
+            compacted.append(rule)
+    return compacted + list(simple.values())
+
+
+def _go_quoted(values: list[str]) -> str:
+    """fmt's %q of a []string: `["a" "b"]`."""
+    return "[" + " ".join(json.dumps(v, ensure_ascii=False) for v in values) + "]"
+
+
+def compact_string(rule: dict) -> str:
+    """pkg/apis/rbac/v1/evaluation_helpers.go CompactString."""
+    parts = [f"{label}:{_go_quoted(rule[key])}" for key, label in (
+        ("apiGroups", "APIGroups"), ("resources", "Resources"), ("nonResourceURLs", "NonResourceURLs"),
+        ("resourceNames", "ResourceNames"), ("verbs", "Verbs")) if rule.get(key)]
+    return "{" + ", ".join(parts) + "}"
+
+
+class EscalationCheck:
+    """The policybased storages' checks for one user; `check(obj, old)` raises the API server's refusal."""
+
+    def __init__(self, authorizer: Authorizer, user: User, plural: str, namespace: str, name: str) -> None:
+        self.authorizer, self.user, self.plural = authorizer, user, plural
+        self.namespace, self.name = namespace, name
+
+    def _allowed(self, verb: str, resource: str, name: str, api_group: str = RBAC_GROUP) -> bool:
+        attrs = Attributes(user=self.user, verb=verb, path="", resource_request=True, api_group=api_group,
+                           resource=resource, namespace=self.namespace, name=name)
+        return self.authorizer.authorize(attrs)[0]
+
+    def confirm_no_escalation(self, rules: list[dict], object_name: str) -> None:
+        """rule.go ConfirmNoEscalation, wrapped in apierrors.NewForbidden by the storage."""
+        owner_rules, problems = [], []
+        for found, problem in self.authorizer.rules_for(self.user, self.namespace):
+            owner_rules += found
+            if problem:
+                problems.append(problem)
+        missing = uncovered(owner_rules, rules)
+        if not missing:
+            return
+        descriptions = sorted({compact_string(rule) for rule in _compact(missing)})
+        message = (f'user "{self.user.name}" (groups={_go_quoted(list(self.user.groups))}) is attempting to grant '
+                   "RBAC permissions not currently held:\n" + "\n".join(descriptions))
+        if problems:
+            message += "; resolution errors: [" + (problems[0] if len(problems) == 1
+                                                   else "[" + ", ".join(problems) + "]") + "]"
+        rt = catalog.BY_PLURAL[self.plural]
+        raise errors.ApiError(403, f'{rt.qualified_name} "{object_name}" is forbidden: {message}', "Forbidden",
+                              {"name": object_name, "group": RBAC_GROUP, "kind": self.plural})
+
+    def check(self, obj: dict, old: dict | None = None) -> None:
+        name = (obj.get("metadata") or {}).get("name") or self.name
+        if self.plural in ("roles", "clusterroles"):
+            if not self._allowed("escalate", self.plural, self.name):
+                self.confirm_no_escalation(obj.get("rules") or [], name)
+            return
+        if old is not None and _only_gc_fields_change(obj, old):
+            return
+        ref = obj.get("roleRef") or {}
+        kind, role_name = ref.get("kind"), ref.get("name", "")
+        if kind in ("Role", "ClusterRole") and self._allowed(
+                "bind", "roles" if kind == "Role" else "clusterroles", role_name, ref.get("apiGroup", "")):
+            return
+        if kind == "Role":
+            role = self.authorizer.store.find("roles", self.namespace, role_name)
+        elif kind == "ClusterRole":
+            role = self.authorizer.store.find("clusterroles", None, role_name)
+        else:
+            raise errors.ApiError(500, f'unsupported role reference kind: "{kind}"', "Unknown")
+        if role is None:
+            raise errors.not_found(catalog.BY_PLURAL["roles" if kind == "Role" else "clusterroles"], role_name)
+        self.confirm_no_escalation(role.get("rules") or [], name)
+
+
+def _only_gc_fields_change(obj: dict, old: dict) -> bool:
+    """pkg/registry/rbac/helpers.go IsOnlyMutatingGCFields: only ownerReferences or finalizers differ."""
+    def without_gc(o: dict) -> dict:
+        meta = {k: v for k, v in (o.get("metadata") or {}).items()
+                if k not in ("ownerReferences", "finalizers", "resourceVersion", "managedFields")}
+        return {**o, "metadata": meta}
+    return without_gc(obj) == without_gc(old)
+
+
 # ---------------------------------------------------------------- tokens
 
 
@@ -328,6 +483,14 @@ class Rbac:
             if not allowed:
                 return user, _forbidden_status(attrs, reason)
         return user, None
+
+    def escalation_check(self, user: User | None, plural: str, group: str, namespace: str | None,
+                         name: str | None, verb: str) -> EscalationCheck | None:
+        """The escalation check a write of a Role, ClusterRole or binding needs; None when none applies."""
+        if (user is None or user.is_admin or group != RBAC_GROUP or plural not in ESCALATION_GUARDED
+                or verb not in ("create", "update", "patch")):
+            return None
+        return EscalationCheck(self.authorizer, user, plural, namespace or "", name or "")
 
     def _creates_by_apply(self, attrs: Attributes, content_type: str) -> bool:
         """A server-side apply of an object that does not exist yet (handlers/patch.go, withAuthorization)."""

@@ -191,6 +191,7 @@ class ApiServer:
             self.records.append(record)
         user, refused = self.emulator.rbac.check(request.method, request.path, request.query_string, request.headers)
         record.user = user.name if user else None
+        request["user"] = user
         fault = None if refused else self._take_fault(request.method, request.path)
         if refused is not None:
             response: web.StreamResponse = error_response(refused)
@@ -243,6 +244,10 @@ class ApiServer:
             if as_table:
                 return json_response(tables.table(rt, [obj], obj["metadata"]["resourceVersion"]))
             return json_response(obj)
+        escalation = self.emulator.rbac.escalation_check(request.get("user"), rt.plural, rt.group, namespace,
+                                                         route.name, verb)
+        if escalation is not None and route.subresource is None:
+            return self.serve_checked_write(escalation, rt, namespace, route, body, query, verb, request.content_type)
         if verb == "create":
             return self.serve_create(rt, namespace, route, body, query)
         if verb == "update":
@@ -418,6 +423,18 @@ class ApiServer:
         created = self.store.create(rt.plural, namespace or body_namespace, obj, dry_run=is_dry_run(query),
                                     keep_status=False)
         return json_response(created, 201)
+
+    def serve_checked_write(self, escalation, rt: ResourceType, namespace: str | None, route: Route, body: Any,
+                            query: dict, verb: str, content_type: str) -> web.Response:
+        """A write of a Role, ClusterRole or binding by a non-admin: the object it would store passes the RBAC
+        escalation check first (rbac.EscalationCheck), atomically with the write."""
+        serve = {"create": lambda q: self.serve_create(rt, namespace, route, body, q),
+                 "update": lambda q: self.serve_update(rt, namespace, route, body, q),
+                 "patch": lambda q: self.serve_patch(rt, namespace, route, body, q, content_type)}[verb]
+        with self.store.lock:
+            old = self.store.find(rt.plural, namespace, route.name) if route.name else None
+            escalation.check(json.loads(serve({**query, "dryRun": "All"}).body), old)
+            return serve(query)
 
     def serve_update(self, rt: ResourceType, namespace: str | None, route: Route, body: Any,
                      query: dict) -> web.Response:
