@@ -184,6 +184,8 @@ class ReleaseSpec(_Strict):
     set_secret: dict[str, str] = Field(default_factory=dict, description="value key -> Prefect Secret block name")
     after: list[str] = Field(default_factory=list, description="releases that must be deployed first")
     timeout_seconds: int = Field(default=300, ge=10)
+    create_namespace: bool = Field(default=False, description="helm creates the namespace (`--create-namespace`); "
+                                   "needs deployments/rbac-create-namespace.yaml")
 
     _names = field_validator("name", "namespace")(_dns_label)
 

@@ -73,6 +73,17 @@ def _chart_args(release: ReleaseSpec, repo_root: Path) -> list[str]:
             *(["--version", release.version] if release.version else [])]
 
 
+def helm_set_value(value: str) -> str:
+    """`value` written so that helm's `--set-string` parser reads it back unchanged.
+
+    helm/helm pkg/strvals/parser.go (v4.1.4): a value ends at the first unescaped `,`
+    (`val`), a backslash takes the next rune literally (`runesUntil`), and a value that
+    starts with `{` is read as a list (`valList`).
+    """
+    escaped = value.replace("\\", "\\\\").replace(",", "\\,")
+    return "\\" + escaped if escaped.startswith("{") else escaped
+
+
 def _values_args(release: ReleaseSpec, *, repo_root: Path, image_repository: str, image_tag: str,
                  secret_values_file: str | None) -> list[str]:
     args = []
@@ -80,9 +91,10 @@ def _values_args(release: ReleaseSpec, *, repo_root: Path, image_repository: str
         args += ["--values", str(repo_root / values)]
     if release.set_secret:
         args += ["--values", secret_values_file or SECRET_VALUES_PLACEHOLDER]
-    args += ["--set-string", f"image.repository={image_repository}", "--set-string", f"image.tag={image_tag}"]
+    args += ["--set-string", f"image.repository={helm_set_value(image_repository)}",
+             "--set-string", f"image.tag={helm_set_value(image_tag)}"]
     for key, value in release.set.items():
-        args += ["--set-string", f"{key}={value}"]
+        args += ["--set-string", f"{key}={helm_set_value(value)}"]
     return args
 
 
@@ -100,7 +112,7 @@ def helm_upgrade_argv(
     """The exact `helm upgrade --install` command; secret values only ever travel in a file."""
     return [
         helm, "upgrade", "--install", release.name, *_chart_args(release, repo_root),
-        "--namespace", release.namespace, "--create-namespace",
+        "--namespace", release.namespace, *(["--create-namespace"] if release.create_namespace else []),
         *_values_args(release, repo_root=repo_root, image_repository=image_repository, image_tag=image_tag,
                       secret_values_file=secret_values_file),
         "--wait", "--timeout", f"{release.timeout_seconds}s", rollback_flag(helm_version), "--output", "json",

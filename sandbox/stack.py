@@ -83,7 +83,20 @@ class Sandbox:
         self.stop()
 
     def prepare(self, config: PipelineConfig) -> dict:
-        """Create the bucket and repositories the pipeline expects; return the flow's connection arguments."""
+        """Create the bucket, repositories and namespaces the pipeline expects; return the flow's connection
+        arguments."""
         self.aws.provision(config)
+        for namespace in namespaces_to_provision(config):
+            if self.kube.get("namespaces", None, namespace) is None:
+                self.kube.create("namespaces", None, {"metadata": {"name": namespace}})
         self.buildkit.region = self.kaniko.region = config.aws.region
         return {"aws_credentials": self.aws.credentials(config.aws.region), "kubeconfig": str(self.kubeconfig)}
+
+
+def namespaces_to_provision(config: PipelineConfig) -> list[str]:
+    """What an admin creates beforehand (README "Pointing it at a real EKS cluster"): the build namespace and every
+    release namespace helm is not told to create (`release.create_namespace`). The emulator refuses objects in a
+    namespace that does not exist, as the NamespaceLifecycle admission plugin does."""
+    wanted = [config.build.namespace]
+    wanted += [c.release.namespace for c in config.components if c.release and not c.release.create_namespace]
+    return list(dict.fromkeys(wanted))

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -186,3 +187,46 @@ def test_a_remote_chart_must_be_pinned(tmp_path):
     document["components"][0]["release"]["version"] = "1.2.3"
     assert parse_config(document).components[0].release.version == "1.2.3"
     assert issubclass(DeployFailed, RuntimeError)
+
+
+SET_VALUES = {
+    "settings.comma": "a,b,c",
+    "settings.equals": "x=y=z",
+    "settings.backslash": "C:\\build\\out",
+    "settings.brace": "{not,a,list}",
+    "settings.nested.deeper": "dotted",
+    "settings.items[1].name": "second",
+}
+
+
+def render_settings_into_the_mcp_deployment(root: Path) -> None:
+    """Each `release.set` value as an env var of the MCP server's Deployment, where the test reads it back."""
+    template = root / "manifests/helm/mcp/templates/deployment.yaml"
+    anchor = "          imagePullPolicy: {{ .Values.image.pullPolicy }}\n"
+    env = "".join(f"            - {{name: {name}, value: {{{{ {expression} | quote }}}}}}\n" for name, expression in [
+        ("COMMA", ".Values.settings.comma"), ("EQUALS", ".Values.settings.equals"),
+        ("BACKSLASH", ".Values.settings.backslash"), ("BRACE", ".Values.settings.brace"),
+        ("NESTED", ".Values.settings.nested.deeper"), ("ITEMS", "toJson .Values.settings.items")])
+    template.write_text(template.read_text().replace(anchor, anchor + "          env:\n" + env))
+
+
+def test_set_values_with_commas_equals_backslashes_dots_and_list_indexes_reach_the_chart_intact(
+    prefect_server, sandbox, example_app
+):
+    """helm splits `--set-string` on unescaped commas, reads backslashes as escapes and `{...}` as a list
+    (helm/helm pkg/strvals/parser.go): the values must arrive as written, and stay strings."""
+    render_settings_into_the_mcp_deployment(example_app.root)
+    document = yaml.safe_load(example_app.pipeline_file.read_text())
+    [mcp] = [c for c in document["components"] if c["name"] == MCP]
+    mcp["release"]["set"] = SET_VALUES
+    example_app.pipeline_file.write_text(yaml.safe_dump(document, sort_keys=False))
+    commit_all(example_app.root, "release.set values helm would split")
+
+    state = example_app.run(components=[MCP])
+
+    assert state.is_completed(), state.message
+    release = example_app.config.component(MCP).release
+    deployment = sandbox.kube.get("deployments", release.namespace, release.name)
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env == {"COMMA": "a,b,c", "EQUALS": "x=y=z", "BACKSLASH": "C:\\build\\out", "BRACE": "{not,a,list}",
+                   "NESTED": "dotted", "ITEMS": '[null,{"name":"second"}]'}

@@ -29,10 +29,18 @@ HELM = ROOT / ".tools" / "bin" / "helm"
 # ------------------------------------------------------------------------ fixtures
 
 
+# The namespaces the tests below work in, created beforehand as an admin would: the emulator refuses objects in a
+# namespace that does not exist (NamespaceLifecycle admission).
+NAMESPACES = ("web", "reapply", "jobs", "secrets", "async", "resume", "expired", "faults", "lost", "put", "gen",
+              "sel", "gc", "ssa", "raw", "logs", "backoff", "deadline", "pull", "sched", "disrupt", "gap")
+
+
 @pytest.fixture(scope="module")
 def emu():
     emulator = KubeEmulator(rollout_delay=0.1, job_pod_duration=0.1, pod_failure_backoff=0.2)
     emulator.allow_any_image()  # these tests are not about image pulls (those that are set their own resolver)
+    for namespace in NAMESPACES:
+        emulator.create("namespaces", None, {"metadata": {"name": namespace}})
     emulator.start()
     yield emulator
     emulator.stop()
@@ -727,3 +735,43 @@ def test_failure_target_comes_first_and_failed_only_once_the_pods_have_stopped(e
     final = next(i for i, types in enumerate(seen) if "Failed" in types)
     assert interim < final and "Failed" not in seen[interim]
     assert emu.get("jobs", "gap", "gap")["status"]["terminating"] == 0
+
+
+# ------------------------------------------------------------------------ NamespaceLifecycle admission
+
+
+def test_content_in_a_missing_namespace_is_refused_with_the_api_servers_404(emu, kubeconfig):
+    done = kubectl("create", "secret", "generic", "s", "-n", "absent", "--from-literal=a=b", kubeconfig=kubeconfig,
+                   check=False)
+    assert (done.returncode, done.stderr.strip()) == (1, 'error: failed to create secret namespaces "absent" not found')
+    code, body = http(emu, "PATCH", "/api/v1/namespaces/absent/configmaps/c?fieldManager=t",
+                      {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}},
+                      content_type="application/apply-patch+yaml")
+    assert (code, body["reason"], body["message"]) == (404, "NotFound", 'namespaces "absent" not found')
+    assert body["details"]["kind"] == "namespaces" and body["details"]["name"] == "absent"
+    assert emu.get("secrets", "absent", "s") is None and emu.get("configmaps", "absent", "c") is None
+
+
+def test_a_terminating_namespace_takes_no_new_content_and_immortal_namespaces_stay(emu, kubeconfig):
+    emu.create("namespaces", None, {"metadata": {"name": "closing", "finalizers": ["sandbox.test/hold"]}})
+    emu.create("configmaps", "closing", {"metadata": {"name": "old"}})
+    kubectl("delete", "namespace", "closing", "--wait=false", kubeconfig=kubeconfig)
+    assert emu.get("namespaces", None, "closing")["status"]["phase"] == "Terminating"
+
+    done = kubectl("create", "configmap", "new", "-n", "closing", kubeconfig=kubeconfig, check=False)
+    assert (done.returncode, done.stderr.strip()) == (1, (
+        'error: failed to create configmap: configmaps "new" is forbidden: unable to create new content in namespace '
+        "closing because it is being terminated"))
+    code, body = http(emu, "POST", "/api/v1/namespaces/closing/secrets", {"metadata": {"generateName": "g-"}})
+    assert (code, body["reason"]) == (403, "Forbidden")
+    assert body["message"] == ('secrets "g-" is forbidden: unable to create new content in namespace closing '
+                               "because it is being terminated")
+    assert body["details"]["causes"] == [{"reason": "NamespaceTerminating", "field": "metadata.namespace",
+                                          "message": "namespace closing is being terminated"}]
+    kubectl("label", "configmap", "old", "-n", "closing", "still=updatable", kubeconfig=kubeconfig)
+    kubectl("delete", "configmap", "old", "-n", "closing", kubeconfig=kubeconfig)
+
+    done = kubectl("delete", "namespace", "default", kubeconfig=kubeconfig, check=False)
+    assert (done.returncode, done.stderr.strip()) == (1, (
+        'Error from server (Forbidden): namespaces "default" is forbidden: this namespace may not be deleted'))
+    assert emu.get("namespaces", None, "default") is not None

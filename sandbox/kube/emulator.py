@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from . import defaults, errors, kubelet, patching, selectors
+from . import defaults, errors, kubelet, patching, rbac, selectors, tls
 from .controllers import Controllers
 from .pods import NODE_NAME, PodHandle, PodLogs, container_names, controller_owner, is_terminal
 from .server import ApiServer, Fault, RequestRecord
@@ -66,6 +66,7 @@ class KubeEmulator:
         self.kubelet_retry_seconds = 0.5
         self.store = ObjectStore()
         self.logs = PodLogs()
+        self.rbac = rbac.Rbac(self.store)
         self._server = ApiServer(self)
         self._controllers = Controllers(self)
         self._behaviours: list[tuple[PodMatcher, PodBehaviour]] = []
@@ -74,11 +75,14 @@ class KubeEmulator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
         self._port: int | None = None
+        self._tls_port: int | None = None
+        self.certificate = tls.create()
         self._startup_error: BaseException | None = None
         self._seed_cluster()
 
     def _seed_cluster(self) -> None:
-        """What every cluster has: the system namespaces and one Ready node."""
+        """What every cluster has: the system namespaces, one Ready node and the bootstrap RBAC policy."""
+        rbac.seed(self.store)
         for namespace in ("default", "kube-system", "kube-public"):
             self.store.create("namespaces", None, {"metadata": {"name": namespace}})
         self.store.create("nodes", None, {
@@ -125,6 +129,9 @@ class KubeEmulator:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         self._port = runner.addresses[0][1]
+        secure = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=self.certificate.server_context())
+        await secure.start()
+        self._tls_port = runner.addresses[1][1]
         ready.set()
         await self._stop_requested.wait()
         await runner.cleanup()
@@ -151,6 +158,13 @@ class KubeEmulator:
             raise RuntimeError("the emulator is not started")
         return f"http://127.0.0.1:{self._port}"
 
+    @property
+    def https_url(self) -> str:
+        """The same API over TLS (certificate from `self.certificate.ca_pem`): clients send tokens only over TLS."""
+        if self._tls_port is None:
+            raise RuntimeError("the emulator is not started")
+        return f"https://127.0.0.1:{self._tls_port}"
+
     def write_kubeconfig(self, path: str | os.PathLike) -> pathlib.Path:
         path = pathlib.Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +179,12 @@ class KubeEmulator:
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         path.chmod(0o600)  # helm warns about group/world-readable kubeconfigs
         return path
+
+    def write_service_account_kubeconfig(self, path: str | os.PathLike, namespace: str, name: str,
+                                         expiration_seconds: int = rbac.DEFAULT_TOKEN_SECONDS) -> pathlib.Path:
+        """A kubeconfig for an existing ServiceAccount: its requests are authorized by RBAC, not as the admin."""
+        return rbac.write_service_account_kubeconfig(self.rbac, self.https_url, self.certificate.ca_pem, path, namespace,
+                                                    name, expiration_seconds)
 
     # ---------------------------------------------------------------- state
 

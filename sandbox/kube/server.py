@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from aiohttp import web
 
-from . import catalog, defaults, errors, patching, podsecurity, protobuf, selectors, tables
+from . import catalog, defaults, errors, namespace_lifecycle, patching, podsecurity, protobuf, selectors, tables
 from .catalog import ResourceType
 from .pods import container_names, is_terminal
 
@@ -42,6 +42,7 @@ class RequestRecord:
     name: str | None = None
     content_type: str | None = None
     status: int = 0
+    user: str | None = None
     time: float = field(default_factory=time.monotonic)
 
 
@@ -188,9 +189,14 @@ class ApiServer:
             name=route.name if route else None, content_type=request.headers.get("Content-Type"))
         with self.lock:
             self.records.append(record)
-        fault = self._take_fault(request.method, request.path)
-        if fault is not None and not fault.after:
-            response: web.StreamResponse = fault_response(fault)
+        user, refused = self.emulator.rbac.check(request.method, request.path, request.query_string, request.headers)
+        record.user = user.name if user else None
+        request["user"] = user
+        fault = None if refused else self._take_fault(request.method, request.path)
+        if refused is not None:
+            response: web.StreamResponse = error_response(refused)
+        elif fault is not None and not fault.after:
+            response = fault_response(fault)
         else:
             try:
                 response = await self.dispatch(request, route, query, record)
@@ -217,6 +223,8 @@ class ApiServer:
         namespace = route.namespace if rt.namespaced else None
         body = decode_body(await request.read(), request.content_type) if request.can_read_body else None
         verb = record.verb
+        namespace_lifecycle.admit_request(self.store, rt, namespace, verb, route.name, body,
+                                          request.headers.get("Content-Type", ""))
         if verb == "watch":
             return await self.serve_watch(request, rt, namespace, route.name, query, record)
         as_table = tables.wants_table(request.headers.get("Accept", ""))
@@ -226,6 +234,9 @@ class ApiServer:
             return await self.serve_log(request, namespace, route.name, query, record)
         if rt.plural == "pods" and route.subresource == "eviction" and verb == "create":
             return self.serve_eviction(namespace, route.name)
+        if rt.plural == "serviceaccounts" and route.subresource == "token" and verb == "create":
+            self.store.get(rt.plural, namespace, route.name)
+            return json_response(self.emulator.rbac.token_request(namespace, route.name, body), 201)
         if route.subresource not in (None, "status", "scale"):
             raise errors.ApiError(404, "the server could not find the requested resource", "NotFound")
         if verb == "get":
@@ -235,6 +246,10 @@ class ApiServer:
             if as_table:
                 return json_response(tables.table(rt, [obj], obj["metadata"]["resourceVersion"]))
             return json_response(obj)
+        escalation = self.emulator.rbac.escalation_check(request.get("user"), rt.plural, rt.group, namespace,
+                                                         route.name, verb)
+        if escalation is not None and route.subresource is None:
+            return self.serve_checked_write(escalation, rt, namespace, route, body, query, verb, request.content_type)
         if verb == "create":
             return self.serve_create(rt, namespace, route, body, query)
         if verb == "update":
@@ -416,6 +431,18 @@ class ApiServer:
         created = self.store.create(rt.plural, namespace or body_namespace, obj, dry_run=is_dry_run(query),
                                     keep_status=False)
         return json_response(created, 201)
+
+    def serve_checked_write(self, escalation, rt: ResourceType, namespace: str | None, route: Route, body: Any,
+                            query: dict, verb: str, content_type: str) -> web.Response:
+        """A write of a Role, ClusterRole or binding by a non-admin: the object it would store passes the RBAC
+        escalation check first (rbac.EscalationCheck), atomically with the write."""
+        serve = {"create": lambda q: self.serve_create(rt, namespace, route, body, q),
+                 "update": lambda q: self.serve_update(rt, namespace, route, body, q),
+                 "patch": lambda q: self.serve_patch(rt, namespace, route, body, q, content_type)}[verb]
+        with self.store.lock:
+            old = self.store.find(rt.plural, namespace, route.name) if route.name else None
+            escalation.check(json.loads(serve({**query, "dryRun": "All"}).body), old)
+            return serve(query)
 
     def serve_update(self, rt: ResourceType, namespace: str | None, route: Route, body: Any,
                      query: dict) -> web.Response:

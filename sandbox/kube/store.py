@@ -280,6 +280,9 @@ class ObjectStore:
                 marked = copy.deepcopy(current)
                 marked["metadata"]["deletionTimestamp"] = defaults.now_iso()
                 marked["metadata"]["deletionGracePeriodSeconds"] = 0
+                if plural == "namespaces":
+                    # kubernetes/kubernetes pkg/registry/core/namespace/storage/storage.go REST.Delete
+                    marked.setdefault("status", {})["phase"] = "Terminating"
                 marked["metadata"]["resourceVersion"] = self._next_rv()
                 self._objects[key] = marked
                 self._emit("MODIFIED", plural, marked, current)
