@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 NAMESPACE_SUBRESOURCES = {"status", "finalize"}
 JSON = "application/json"
 DROP = object()  # put into a watch queue to end the stream
+USER = web.RequestKey("user", object)  # the authenticated rbac.User of a request
 
 
 @dataclass
@@ -191,7 +192,7 @@ class ApiServer:
             self.records.append(record)
         user, refused = self.emulator.rbac.check(request.method, request.path, request.query_string, request.headers)
         record.user = user.name if user else None
-        request["user"] = user
+        request[USER] = user
         fault = None if refused else self._take_fault(request.method, request.path)
         if refused is not None:
             response: web.StreamResponse = error_response(refused)
@@ -246,7 +247,7 @@ class ApiServer:
             if as_table:
                 return json_response(tables.table(rt, [obj], obj["metadata"]["resourceVersion"]))
             return json_response(obj)
-        escalation = self.emulator.rbac.escalation_check(request.get("user"), rt.plural, rt.group, namespace,
+        escalation = self.emulator.rbac.escalation_check(request.get(USER), rt.plural, rt.group, namespace,
                                                          route.name, verb)
         if escalation is not None and route.subresource is None:
             return self.serve_checked_write(escalation, rt, namespace, route, body, query, verb, request.content_type)
