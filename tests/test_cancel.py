@@ -167,3 +167,25 @@ def test_a_release_left_pending_install_is_uninstalled_and_installed_again(prefe
     assert state.is_completed(), f"{state.message}\n{log}"
     assert release_revisions(sandbox, release.namespace, release.name) == [(1, "deployed")]
     assert "revision 1 is pending-install" in log and "uninstalling it to install it afresh" in log
+
+
+def test_a_served_run_cancelled_during_helm_leaves_no_pending_release(served, sandbox, hanging_rollout):
+    """The runner stops the flow process; the flow stops its helm with SIGTERM, on which helm fails the install and
+    rolls it back, instead of dying with the release `pending-install`."""
+    release = served.config.component(MCP).release
+    hanging_rollout(release.namespace)
+    with get_client(sync_client=True) as client:
+        run = start_run(client, components=[MCP], skip_unchanged=False)
+        wait_until(lambda: pending(release_revisions(sandbox, release.namespace, release.name)), 180,
+                   "helm to store a pending revision")
+        cancel(client, run.id)
+        state = final_state(client, run.id)
+        settle(lambda: not pending(release_revisions(sandbox, release.namespace, release.name)), 30)
+        log = run_log(client, run.id)
+    revisions = release_revisions(sandbox, release.namespace, release.name)
+    assert state.is_cancelled(), f"{state.type}: {state.message}\n{log}"
+    assert not pending(revisions), revisions
+    # A first install cancelled with --rollback-on-failure is uninstalled, history and all
+    # (helm/helm pkg/action/install.go failRelease, v4.1.4).
+    assert revisions == []
+    assert "stopping `helm upgrade`: SIGTERM" in log, log
