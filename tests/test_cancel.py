@@ -8,7 +8,7 @@ import time
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-from prefect.states import Cancelling
+from prefect.client.schemas.objects import State, StateType
 
 from tests.conftest import HELM
 from tests.test_operations import MCP_REPOSITORY, served  # noqa: F401 - `served` is a fixture
@@ -39,14 +39,18 @@ def settle(condition, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def start_run(client, **parameters):
+def start_run(client, app, **parameters):
+    """A run of the served `on-demand` deployment for this app: its pipeline file and target given explicitly,
+    since an earlier test's serve process may have registered the deployment with its own."""
     deployment = client.read_deployment_by_name("build-and-deploy/on-demand")
-    return client.create_flow_run_from_deployment(deployment.id, parameters=parameters)
+    return client.create_flow_run_from_deployment(deployment.id, parameters={
+        "config": str(app.pipeline_file), "target": f"sandbox-{app.config.build.namespace}", **parameters})
 
 
 def cancel(client, flow_run_id) -> None:
-    """What the UI's Cancel does: propose Cancelling; the runner serving the deployment does the rest."""
-    client.set_flow_run_state(flow_run_id, Cancelling(name="Cancelling"), force=True)
+    """What Cancel in the UI and `prefect flow-run cancel` do: propose Cancelling; the runner serving the
+    deployment does the rest."""
+    client.set_flow_run_state(flow_run_id, State(type=StateType.CANCELLING))
 
 
 def final_state(client, flow_run_id, timeout: float = 120):
@@ -66,7 +70,7 @@ def test_a_served_run_cancelled_through_the_api_deletes_its_build_job_and_secret
     namespace = served.config.build.namespace
     monkeypatch.setitem(sandbox.buildkit.build_seconds, MCP_REPOSITORY, 120)
     with get_client(sync_client=True) as client:
-        run = start_run(client, components=[MCP], deploy=False, skip_unchanged=False)
+        run = start_run(client, served, components=[MCP], deploy=False, skip_unchanged=False)
         created = wait_until(lambda: (objects := run_objects(sandbox, namespace, str(run.id)))
                              and any(o.startswith("jobs/") for o in objects) and objects, 120, "the build Job")
         assert any(o.startswith("secrets/") for o in created)
@@ -127,8 +131,10 @@ def kill_helm_mid_operation(sandbox, app, component: str) -> list[tuple[int, str
     return release_revisions(sandbox, release.namespace, release.name)
 
 
-def flow_run_log(state) -> str:
+def flow_run_log(state, expected: str) -> str:
+    """The run's log, once `expected` has reached the server (logs are shipped in batches)."""
     with get_client(sync_client=True) as client:
+        settle(lambda: expected in run_log(client, state.state_details.flow_run_id), 20)
         return run_log(client, state.state_details.flow_run_id)
 
 
@@ -142,7 +148,7 @@ def test_a_release_left_pending_upgrade_is_rolled_back_and_then_upgraded(prefect
 
     state = app.run(components=[MCP])
 
-    log = flow_run_log(state)
+    log = flow_run_log(state, "then upgrading")
     assert state.is_completed(), f"{state.message}\n{log}"
     revisions = release_revisions(sandbox, release.namespace, release.name)
     assert revisions[-1] == (4, "deployed") and not any(s.startswith("pending-") for _, s in revisions[2:]), revisions
@@ -163,7 +169,7 @@ def test_a_release_left_pending_install_is_uninstalled_and_installed_again(prefe
 
     state = app.run(components=[MCP])
 
-    log = flow_run_log(state)
+    log = flow_run_log(state, "install it afresh")
     assert state.is_completed(), f"{state.message}\n{log}"
     assert release_revisions(sandbox, release.namespace, release.name) == [(1, "deployed")]
     assert "revision 1 is pending-install" in log and "uninstalling it to install it afresh" in log
@@ -175,7 +181,7 @@ def test_a_served_run_cancelled_during_helm_leaves_no_pending_release(served, sa
     release = served.config.component(MCP).release
     hanging_rollout(release.namespace)
     with get_client(sync_client=True) as client:
-        run = start_run(client, components=[MCP], skip_unchanged=False)
+        run = start_run(client, served, components=[MCP], skip_unchanged=False)
         wait_until(lambda: pending(release_revisions(sandbox, release.namespace, release.name)), 180,
                    "helm to store a pending revision")
         cancel(client, run.id)
