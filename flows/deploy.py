@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -23,13 +22,11 @@ from typing import Literal
 
 import yaml
 from kubernetes_asyncio import client
-from prefect import get_run_logger
-from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from flows.config import ReleaseSpec
 from flows.kube import with_retries
-from flows.limits import ensure_limit, held_slot
+from flows.limits import _logger, ensure_limit, held_slot
 from flows.rollout import (
     PodProblemRecorder,
     RolloutFailed,
@@ -191,13 +188,6 @@ async def stop_helm(process: asyncio.subprocess.Process, output: asyncio.Future,
         await output
 
 
-def _logger():
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logging.getLogger(__name__)
-
-
 _HELM_VERSIONS: dict[str, str] = {}
 
 
@@ -289,10 +279,9 @@ class Helm:
 
     async def restore(self, previous: int | None) -> None:
         if previous is None:
-            await run_helm([self.binary, "uninstall", self.release.name, *self._common, "--wait"], 300)
+            await self.uninstall()
         else:
-            await run_helm([self.binary, "rollback", self.release.name, str(previous), *self._common, "--wait",
-                            "--timeout", f"{self.release.timeout_seconds}s"], self.release.timeout_seconds + 60)
+            await self.rollback(previous)
 
 
 PENDING = ("pending-install", "pending-upgrade", "pending-rollback")
@@ -305,8 +294,8 @@ def pending_recovery(history: dict[int, str]) -> int | None | Literal["uninstall
     (install/upgrade/rollback) is in progress", helm/helm pkg/action/upgrade.go
     `errPending`, v4.1.4); a helm that was killed mid-operation leaves it so.
     The answer is the revision to roll back to: the last deployed one, else the
-    last one that ended at all (helm itself upgrades from a failed or
-    superseded revision when none is deployed). A release that never got past
+    last failed or superseded one (what helm itself upgrades from when none is
+    deployed, pkg/action/upgrade.go `prepareUpgrade`). A release that never got past
     a `pending-install` has nothing to roll back to and is uninstalled, so
     that the upgrade installs it afresh. None when the last revision is not
     pending.
@@ -314,7 +303,7 @@ def pending_recovery(history: dict[int, str]) -> int | None | Literal["uninstall
     if not history or history[max(history)] not in PENDING:
         return None
     deployed = [revision for revision, status in history.items() if status == "deployed"]
-    ended = [revision for revision, status in history.items() if status not in PENDING]
+    ended = [revision for revision, status in history.items() if status in ("failed", "superseded")]
     if deployed or ended:
         return max(deployed or ended)
     return "uninstall"
@@ -324,7 +313,10 @@ async def recover_pending(helm: Helm, api: client.ApiClient) -> int | None:
     """The release's current revision, after rolling back (or uninstalling) a release left `pending-*`.
 
     Called holding the release's lock, so no helm of this pipeline is working
-    on the release: a pending revision is one whose helm died.
+    on the release: a pending revision is one whose helm died. (A helm whose
+    flow process was killed outright runs on in its own session until its
+    `--timeout`, within the lock's lease of `timeout_seconds` plus 2 minutes,
+    unless it also rolls back after that timeout.)
     """
     history = await helm.history(api)
     recovery = pending_recovery(history)
