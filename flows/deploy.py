@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from kubernetes_asyncio import client
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from flows.config import ReleaseSpec
 from flows.kube import with_retries
-from flows.limits import ensure_limit, held_slot
+from flows.limits import _logger, ensure_limit, held_slot
 from flows.rollout import (
     PodProblemRecorder,
     RolloutFailed,
@@ -148,19 +149,55 @@ def secret_values_file(values: dict[str, SecretStr]):
         os.unlink(path)
 
 
+HELM_STOP_SECONDS = 20.0
+
+
 async def run_helm(argv: list[str], timeout: float) -> str:
+    """Run helm to the end, or stop it the way that lets it leave its release consistent.
+
+    helm runs in a session of its own: a worker cancelling the run signals the
+    flow's whole process group, SIGTERM and 30 s later SIGKILL (prefect 3.9
+    runner/_process_manager.py), and a helm killed mid-operation leaves its
+    release `pending-*`. A helm this run stops (the run cancelled, or past
+    `timeout`) gets SIGTERM instead, on which `helm upgrade` and `helm install`
+    cancel the operation, record the release as failed and, with
+    `--rollback-on-failure`/`--atomic`, roll it back (helm/helm pkg/cmd/upgrade.go
+    and pkg/action/upgrade.go `handleContext`, v4.1.4); it is killed only if it
+    has not ended after `HELM_STOP_SECONDS`, which keeps the whole stop inside
+    Prefect's 30 s. The next deploy recovers a release left pending anyway
+    (`recover_pending`).
+    """
     process = await asyncio.create_subprocess_exec(
-        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True
     )
+    output = asyncio.ensure_future(process.communicate())
     try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+        stdout, stderr = await asyncio.wait_for(asyncio.shield(output), timeout)
     except asyncio.TimeoutError:
-        process.kill()
-        await process.wait()
+        await stop_helm(process, output, argv)
         raise DeployFailed(f"`helm {argv[1]}` did not finish within {timeout:.0f}s") from None
+    except BaseException:
+        await asyncio.shield(stop_helm(process, output, argv))
+        raise
     if process.returncode != 0:
         raise DeployFailed(stderr.decode().strip() or stdout.decode().strip())
     return stdout.decode()
+
+
+async def stop_helm(process: asyncio.subprocess.Process, output: asyncio.Future, argv: list[str]) -> None:
+    """SIGTERM, up to `HELM_STOP_SECONDS` for helm to fail and roll back its operation, then SIGKILL."""
+    if process.returncode is None:
+        _logger().warning("stopping `helm %s`: SIGTERM, so that it records the release as failed and rolls it "
+                          "back; killed if it has not ended in %.0f s", argv[1], HELM_STOP_SECONDS)
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            await asyncio.wait_for(asyncio.shield(output), HELM_STOP_SECONDS)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+    with contextlib.suppress(Exception):
+        await output
 
 
 _HELM_VERSIONS: dict[str, str] = {}
@@ -225,12 +262,89 @@ class Helm:
             del template[at:at + 2]
         return await run_helm(template, 120)
 
+    async def history(self, api: client.ApiClient) -> dict[int, str]:
+        """Revision -> status, from the `version` and `status` labels helm puts on its storage objects
+        (helm/helm pkg/storage/driver/secrets.go and cfgmaps.go, v4.1.4); `helm history` for other drivers."""
+        kind = HELM_STORAGE_KINDS.get(os.environ.get("HELM_DRIVER", "secret").lower() or "secret")
+        if kind is None:
+            try:
+                rows = json.loads(await run_helm([self.binary, "history", self.release.name, *self._common,
+                                                  "--output", "json"], 60))
+            except DeployFailed as exc:
+                if "not found" in str(exc):
+                    return {}
+                raise
+            return {row["revision"]: row["status"] for row in rows}
+        core = client.CoreV1Api(api)
+        lister = core.list_namespaced_secret if kind == "secrets" else core.list_namespaced_config_map
+        stored = await with_retries(lambda: lister(self.release.namespace,
+                                                   label_selector=f"owner=helm,name={self.release.name}"))
+        return {int(item.metadata.labels["version"]): item.metadata.labels.get("status", "")
+                for item in stored.items}
+
+    async def rollback(self, revision: int) -> None:
+        await run_helm([self.binary, "rollback", self.release.name, str(revision), *self._common, "--wait",
+                        "--timeout", f"{self.release.timeout_seconds}s"], self.release.timeout_seconds + 60)
+
+    async def uninstall(self) -> None:
+        await run_helm([self.binary, "uninstall", self.release.name, *self._common, "--wait"], 300)
+
     async def restore(self, previous: int | None) -> None:
         if previous is None:
-            await run_helm([self.binary, "uninstall", self.release.name, *self._common, "--wait"], 300)
+            await self.uninstall()
         else:
-            await run_helm([self.binary, "rollback", self.release.name, str(previous), *self._common, "--wait",
-                            "--timeout", f"{self.release.timeout_seconds}s"], self.release.timeout_seconds + 60)
+            await self.rollback(previous)
+
+
+PENDING = ("pending-install", "pending-upgrade", "pending-rollback")
+
+
+def pending_recovery(history: dict[int, str]) -> int | None | Literal["uninstall"]:
+    """What puts a release whose last revision is `pending-*` back in a state helm can upgrade.
+
+    helm refuses to upgrade such a release ("another operation
+    (install/upgrade/rollback) is in progress", helm/helm pkg/action/upgrade.go
+    `errPending`, v4.1.4); a helm that was killed mid-operation leaves it so.
+    The answer is the revision to roll back to: the last deployed one, else the
+    last failed or superseded one (what helm itself upgrades from when none is
+    deployed, pkg/action/upgrade.go `prepareUpgrade`). A release that never got past
+    a `pending-install` has nothing to roll back to and is uninstalled, so
+    that the upgrade installs it afresh. None when the last revision is not
+    pending.
+    """
+    if not history or history[max(history)] not in PENDING:
+        return None
+    deployed = [revision for revision, status in history.items() if status == "deployed"]
+    ended = [revision for revision, status in history.items() if status in ("failed", "superseded")]
+    if deployed or ended:
+        return max(deployed or ended)
+    return "uninstall"
+
+
+async def recover_pending(helm: Helm, api: client.ApiClient) -> int | None:
+    """The release's current revision, after rolling back (or uninstalling) a release left `pending-*`.
+
+    Called holding the release's lock, so no helm of this pipeline is working
+    on the release: a pending revision is one whose helm died. (A helm whose
+    flow process was killed outright runs on in its own session until its
+    `--timeout`, within the lock's lease of `timeout_seconds` plus 2 minutes,
+    unless it also rolls back after that timeout.)
+    """
+    history = await helm.history(api)
+    recovery = pending_recovery(history)
+    if recovery is None:
+        return max(history, default=None)
+    release, last = helm.release, max(history)
+    where = f"release {release.namespace}/{release.name}: revision {last} is {history[last]}"
+    if recovery == "uninstall":
+        _logger().warning("%s (a helm was stopped before the release was ever installed); uninstalling it "
+                          "to install it afresh", where)
+        await helm.uninstall()
+        return None
+    _logger().warning("%s (a helm was stopped mid-operation); rolling back to revision %d, then upgrading",
+                      where, recovery)
+    await helm.rollback(recovery)
+    return last + 1
 
 
 async def upgrade_release(
@@ -263,7 +377,7 @@ async def upgrade_release(
                              # pending-upgrade, and every later upgrade then fails with errPending
                              when_lost="helm is not started once the lock is lost; a helm already running is left "
                                        "to finish") as held:
-            previous = await helm.stored_revision(api)
+            previous = await recover_pending(helm, api)
             async with PodProblemRecorder(api, release.namespace) as problems:
                 deployments = None
                 try:

@@ -384,17 +384,25 @@ async def report(result: PipelineResult, config: PipelineConfig, previous: list[
     get_run_logger().info("stage timing:\n%s", format_timing(result))
 
 
-async def clean_up_run(flow, run, state) -> None:
-    """Delete the build Jobs and Secrets of a cancelled or crashed run, so nothing keeps building for nobody."""
-    parameters, local = run.parameters or {}, LOCAL_CONNECTION.get()
+async def clean_up_run(flow, flow_run, state) -> None:
+    """Delete the build Jobs and Secrets of a cancelled or crashed run, so nothing keeps building for nobody.
+
+    Prefect calls hooks two ways, so the parameters have its names and order:
+    the runner of a worker or `serve`, which runs the cancellation and crash
+    hooks once the flow process is gone, by keyword
+    (`hook(flow=flow, flow_run=flow_run, state=state)`, prefect 3.9
+    runner/_hook_runner.py), and the engine of an in-process run positionally
+    (`hook(flow, flow_run, state)`, prefect 3.9 flow_engine.py).
+    """
+    parameters, local = flow_run.parameters or {}, LOCAL_CONNECTION.get()
     try:
-        config = load_config(await pipeline_file(parameters["config"], run.deployment_id))
+        config = load_config(await pipeline_file(parameters["config"], flow_run.deployment_id))
     except (KeyError, ConfigError):
         return
     async with connection(parameters.get("target"), local.aws_credentials, local.kubeconfig, config) as connected:
         async with kube_api(connected.kubeconfig) as api:
-            deleted = await delete_run_objects(api, config.build.namespace, str(run.id))
-    flow_run_logger(run, flow).info("deleted %d build objects of run %s", deleted, run.name)
+            deleted = await delete_run_objects(api, config.build.namespace, str(flow_run.id))
+    flow_run_logger(flow_run, flow).info("deleted %d build objects of run %s", deleted, flow_run.name)
 
 
 @flow(name="build-and-deploy", on_cancellation=[clean_up_run], on_crashed=[clean_up_run])

@@ -88,7 +88,7 @@ def test_an_unschedulable_pod_whose_node_is_being_provisioned_keeps_waiting(pref
 def test_a_namespace_enforcing_baseline_fails_in_seconds_with_the_pod_security_fix(prefect_server, sandbox,
                                                                                   example_app):
     namespace = example_app.config.build.namespace
-    sandbox.kube.create("namespaces", None, {"metadata": {"name": namespace, "labels": {
+    sandbox.kube.patch("namespaces", None, namespace, {"metadata": {"labels": {
         "pod-security.kubernetes.io/enforce": "baseline"}}})
 
     message = failed_quickly(example_app, 30)

@@ -14,7 +14,7 @@ import uuid
 import pytest
 import yaml
 
-from flows.pipeline import build_and_deploy
+from flows.pipeline import build_and_deploy, connected_locally
 from sandbox.example import commit_all
 from tests.conftest import HELM, REPO_ROOT
 
@@ -298,8 +298,8 @@ def test_the_first_install_under_the_shipped_rbac_deploys_as_the_flows_service_a
 
 def run_as(app, kubeconfig: str, **params):
     """One run of the real flow with the ServiceAccount's kubeconfig instead of the sandbox admin's."""
-    kwargs = {**app.flow_kwargs, "kubeconfig": kubeconfig}
-    return asyncio.run(build_and_deploy(config=str(app.pipeline_file), **kwargs, **params, return_state=True))
+    with connected_locally(**{**app.flow_kwargs, "kubeconfig": kubeconfig}):
+        return asyncio.run(build_and_deploy(config=str(app.pipeline_file), **params, return_state=True))
 
 
 def set_release_key(app, component: str, key: str, value) -> None:
