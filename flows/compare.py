@@ -39,6 +39,7 @@ from flows.pipeline import (
     package_all,
 )
 from flows.plan import select
+from flows.run_timeout import flow_timeout_seconds
 
 COMPARED: tuple[Builder, ...] = ("buildkit", "kaniko")
 
@@ -126,7 +127,8 @@ def format_comparison(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
-@flow(name="compare-builders", on_cancellation=[clean_up_run], on_crashed=[clean_up_run])
+@flow(name="compare-builders", timeout_seconds=flow_timeout_seconds(), on_cancellation=[clean_up_run],
+      on_crashed=[clean_up_run])
 async def compare_builders(
     config: Annotated[str, Field(description="the pipeline file, a path on the worker")],
     components: Annotated[list[str] | None, Field(description="components to compare; all when empty")] = None,
