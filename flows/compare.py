@@ -40,6 +40,7 @@ from flows.pipeline import (
     package_all,
 )
 from flows.plan import select
+from flows.run_timeout import flow_timeout_seconds
 
 COMPARED: tuple[Builder, ...] = ("buildkit", "kaniko")
 
@@ -127,7 +128,8 @@ def format_comparison(comparison: Comparison) -> str:
     return "\n".join(lines)
 
 
-@flow(name="compare-builders", on_cancellation=[clean_up_run], on_crashed=[clean_up_run])
+@flow(name="compare-builders", timeout_seconds=flow_timeout_seconds(), on_cancellation=[clean_up_run],
+      on_crashed=[clean_up_run])
 async def compare_builders(
     config: str,
     components: list[str] | None = None,

@@ -47,6 +47,7 @@ from flows.plan import plan_component, select
 from flows.progress import step_table
 from flows.registry_auth import RegistryToken
 from flows.report import format_timing, timeline_markdown, timing_rows
+from flows.run_timeout import flow_timeout_seconds
 from flows.source import SourceCheckout
 from flows.upload import StoredContext, presign
 
@@ -405,7 +406,8 @@ async def clean_up_run(flow, flow_run, state) -> None:
     flow_run_logger(flow_run, flow).info("deleted %d build objects of run %s", deleted, flow_run.name)
 
 
-@flow(name="build-and-deploy", on_cancellation=[clean_up_run], on_crashed=[clean_up_run])
+@flow(name="build-and-deploy", timeout_seconds=flow_timeout_seconds(), on_cancellation=[clean_up_run],
+      on_crashed=[clean_up_run])
 async def build_and_deploy(
     config: str,
     components: list[str] | None = None,

@@ -174,6 +174,24 @@ def _dirty_worktree(repo: str, ref: str) -> SourceCheckout | None:
     return SourceCheckout(repo=repo, ref=ref, commit=head, path=Path(local.working_tree_dir), dirty=True)
 
 
+def refuse_dirty_in_deployment(dirty: SourceCheckout) -> SourceCheckout:
+    """A run started from a deployment (`prefect.runtime.deployment.id`) builds commits only.
+
+    Uncommitted changes on a worker are nobody's reviewed change, and the image would
+    carry a commit SHA that does not describe it. Interactive runs still build them.
+    """
+    from prefect.runtime import deployment
+
+    if not deployment.id:
+        return dirty
+    changed = git.Repo(dirty.path).git.status("--porcelain", "--untracked-files=all").splitlines()
+    shown = ", ".join(line[3:] for line in changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    raise SourceError(
+        f"source.repo: {dirty.path} has uncommitted changes ({shown}) on {dirty.ref!r}, which a deployment run "
+        f"does not build: commit them, or discard them (git -C {dirty.path} stash -u); "
+        f"`buildkit-pipeline run` outside a deployment still builds a dirty tree")
+
+
 def checkout(repo: str, ref: str, cache_dir: Path | None = None) -> SourceCheckout:
     """Check out `ref` of `repo` (a URL, see resolve_repo) into the cache; return the exact commit.
 
@@ -182,7 +200,7 @@ def checkout(repo: str, ref: str, cache_dir: Path | None = None) -> SourceChecko
     """
     check_ref(ref)
     if dirty := _dirty_worktree(repo, ref):
-        return dirty
+        return refuse_dirty_in_deployment(dirty)
     cache_dir = cache_dir or cache_root() / "sources"
     key = hashlib.sha256(repo.encode()).hexdigest()[:16]
     clone_dir = cache_dir / key / "repo"

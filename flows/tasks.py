@@ -43,9 +43,12 @@ def retry_transient(task, task_run, state) -> bool:
 
 
 STAGE = dict(cache_policy=NO_CACHE, retry_condition_fn=retry_transient, retry_delay_seconds=[1, 5, 15])
+# For stages whose result holds a secret (a registry token, a repository URL that may carry credentials):
+# never written to result storage, whatever PREFECT_RESULTS_PERSIST_BY_DEFAULT or a cache policy would do.
+NOT_PERSISTED = dict(STAGE, persist_result=False)
 
 
-@task(name="source", retries=2, timeout_seconds=600, **STAGE)
+@task(name="source", retries=2, timeout_seconds=600, **NOT_PERSISTED)
 async def prepare_source(config_path: Path, ref: str | None) -> tuple[PipelineConfig, source.SourceCheckout]:
     """The validated pipeline file and the checkout it names, its paths checked."""
     return await asyncio.to_thread(plan.prepare_source, config_path, ref)
@@ -64,7 +67,7 @@ async def upload_context(archive: package.PackagedContext, credentials: AwsCrede
     )
 
 
-@task(name="registry-auth", retries=3, timeout_seconds=60, **STAGE)
+@task(name="registry-auth", retries=3, timeout_seconds=60, **NOT_PERSISTED)
 async def mint_registry_token(credentials: AwsCredentials, registry: str) -> registry_auth.RegistryToken:
     return await asyncio.to_thread(registry_auth.mint_ecr_token, credentials, registry)
 
@@ -84,7 +87,7 @@ async def image_facts(credentials: AwsCredentials, registry: str, image: build.B
     return await asyncio.to_thread(build_run.image_facts, credentials, registry, image)
 
 
-@task(name="build-secrets", retries=3, timeout_seconds=60, persist_result=False, **STAGE)
+@task(name="build-secrets", retries=3, timeout_seconds=60, **NOT_PERSISTED)
 async def read_build_secrets(credentials: AwsCredentials, secrets: list[BuildSecretSpec]) -> dict[str, str]:
     """Values of the build secrets kept in AWS Secrets Manager, for the build's own Kubernetes Secret."""
     wanted = [s for s in secrets if s.aws_secrets_manager]
@@ -105,7 +108,7 @@ async def run_build(api, **kwargs) -> build.BuiltImage:
         return await build_run.run_build(api, **kwargs)
 
 
-@task(name="release-secrets", retries=2, timeout_seconds=60, persist_result=False, **STAGE)
+@task(name="release-secrets", retries=2, timeout_seconds=60, **NOT_PERSISTED)
 async def read_release_secrets(release: ReleaseSpec) -> dict[str, SecretStr]:
     """The release's `set_secret` values, from Prefect Secret blocks."""
     return {key: SecretStr(str((await Secret.aload(block)).get())) for key, block in release.set_secret.items()}

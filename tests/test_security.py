@@ -343,6 +343,33 @@ def test_the_context_url_lives_exactly_presign_ttl_seconds(prefect_server, sandb
         assert hashlib.sha256(response.read()).hexdigest() == mcp.archive_sha256
 
 
+def test_the_registry_token_is_never_a_persisted_result_whatever_the_settings_and_cache_say(
+    prefect_server, sandbox, example_app, tmp_path
+):
+    """PREFECT_RESULTS_PERSIST_BY_DEFAULT=true, and the stage given a cache key as someone tuning it might:
+    Prefect then writes a task's result under that key (prefect/transactions.py, `commit`, 3.9.1), so only the
+    task's own `persist_result=False` keeps the token out of result storage."""
+    from prefect import flow
+
+    from flows import tasks
+
+    app = example_app
+    keyed = tasks.mint_registry_token.with_options(cache_key_fn=lambda context, parameters: "registry-auth-probe")
+
+    @flow
+    async def mint() -> str:
+        return (await keyed(app.flow_kwargs["aws_credentials"], app.config.registry)).registry
+
+    secrets = RunSecrets()
+    secrets.add("ECR token", ecr_token(sandbox, app.config.aws.region))
+    with temporary_settings({PREFECT_RESULTS_PERSIST_BY_DEFAULT: True, PREFECT_LOCAL_STORAGE_PATH: tmp_path}):
+        assert asyncio.run(mint()) == app.config.registry
+        stored = stored_results()
+    assert stored, "the flow's own result was persisted, so the setting took effect"
+    leaks = secrets.found_in("persisted results", stored)
+    assert not leaks, "\n".join(leaks)
+
+
 # ---------------------------------------------------------------- B: RBAC
 
 
