@@ -290,7 +290,7 @@ def test_deployed_from_one_checkout_a_worker_in_another_runs_it_and_refuses_a_di
                                  label_selector={"buildkit-pipeline/flow-run": str(dirty.id)})
 
     completed = run_script("on-demand", "--param", f"target={target}", "--param", 'components=["weather-mcp"]',
-                           "--watch-timeout", "600", timeout=660)
+                           "--param", "skip_unchanged=false", "--watch-timeout", "600", timeout=660)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     run = last_run("build-and-deploy/on-demand")
     assert sandbox.kube.list("jobs", app.config.build.namespace,
