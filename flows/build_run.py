@@ -408,14 +408,19 @@ async def run_build(
             f"--- last {LOG_TAIL_LINES} log lines ---\n{tail.rstrip()}"
         )
     except asyncio.CancelledError:
-        await asyncio.shield(_delete_quietly(batch.delete_namespaced_job, name, namespace,
-                                             propagation_policy="Background"))
+        # A refused delete must not replace the cancellation with an error the task would retry (with a new
+        # Job); the run's cleanup hook deletes what is left, and activeDeadlineSeconds bounds it regardless.
+        with contextlib.suppress(ApiException, OSError, asyncio.TimeoutError):
+            await asyncio.shield(_delete_quietly(batch.delete_namespaced_job, name, namespace,
+                                                 propagation_policy="Background"))
         raise
     finally:
         if follower is not None and not follower.done():
             follower.cancel()
-        for secret in secrets:
-            await asyncio.shield(_delete_quietly(core.delete_namespaced_secret, secret["metadata"]["name"], namespace))
+        for secret in secrets:  # owned by the Job: if the API refuses now, they go with it
+            with contextlib.suppress(ApiException, OSError, asyncio.TimeoutError):
+                await asyncio.shield(_delete_quietly(core.delete_namespaced_secret, secret["metadata"]["name"],
+                                                     namespace))
 
 
 async def delete_run_objects(api: client.ApiClient, namespace: str, flow_run_id: str) -> int:

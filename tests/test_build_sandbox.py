@@ -195,6 +195,40 @@ def test_a_cancelled_run_leaves_no_job_and_no_secret(prefect_server, sandbox, ex
     assert sandbox.kube.list("pods", namespace, label_selector=f"buildkit-pipeline/component={MCP}") == []
 
 
+def test_a_cancelled_build_whose_job_delete_fails_stays_cancelled_and_is_not_retried(
+        prefect_server, sandbox, example_app, slow_mcp_build):
+    """The API refusing to delete the Job of a cancelled build must not turn the cancellation into a failure that
+    the build task retries with a new Job; the run's cleanup hook deletes what is left."""
+    slow_mcp_build(30)
+    namespace = example_app.config.build.namespace
+    outcome = []
+
+    async def start_then_cancel():
+        task = asyncio.create_task(build_and_deploy(config=str(example_app.pipeline_file), components=[MCP],
+                                                    deploy=False))
+        while not jobs(sandbox, example_app, MCP):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        sandbox.kube.inject_fault("DELETE", rf"/namespaces/{namespace}/(jobs|secrets)/", 503, times=100)
+        task.cancel()
+        try:
+            await task
+        except BaseException as exc:  # noqa: BLE001 - what the cancelled run ended with is the point
+            outcome.append(exc)
+        await asyncio.sleep(3)  # longer than the build task's first retry delay
+
+    try:
+        with example_app.connected():
+            asyncio.run(start_then_cancel())
+    finally:
+        sandbox.kube.clear_faults()
+
+    creates = [r for r in sandbox.kube.requests if r.verb == "create" and r.resource == "jobs"
+               and r.namespace == namespace]
+    assert len(creates) == 1, "the cancelled build was retried with a new Job"
+    assert [type(exc) for exc in outcome] == [asyncio.CancelledError]
+
+
 def test_build_failed_is_not_retried(prefect_server, sandbox, example_app, failing_mcp_build):
     failing_mcp_build("failed to read dockerfile: open Dockerfile: no such file or directory")
     with pytest.raises(PipelineFailed, match="dockerfile-missing"):
