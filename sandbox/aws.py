@@ -5,6 +5,9 @@ the simulated build pods, which download the context from the presigned URL the 
 front refuses what S3 refuses and moto serves: an expired presigned URL, and a request signed with session
 credentials (from moto's STS, AssumeRole) after they expired. `clock_offset` moves the front's clock, so a test
 can see an hour-long URL or credential expire without waiting.
+
+Source: the AWS S3 User Guide, using-presigned-url.html (docs.aws.amazon.com), for what the front refuses;
+moto 5.2.5 moto/sts/models.py (AssumedRole.expiration) for when session credentials expire.
 """
 
 from __future__ import annotations

@@ -238,6 +238,9 @@ def push_manifest(aws: AwsSandbox, region: str, name: str, manifest: str, digest
 def push_cache_manifest(aws: AwsSandbox, region: str, name: str, manifest: str, digest: str) -> str | None:
     """PUT a registry cache manifest under its tag; None when ECR takes it, else the error BuildKit reports.
 
+    Source: ECR's refusal as quoted in moby/buildkit#3776; its `unknown: ` prefix from moby/buildkit util/errutil and
+    containerd remotes/docker/errdesc.go (BuildKit v0.31.2).
+
     ECR answers a registry error body (code TAG_INVALID for an immutable tag, as `docker push` prints it: "tag
     invalid: The image tag '<tag>' already exists in the '<repo>' repository and cannot be overwritten because the
     repository is immutable."; NAME_UNKNOWN for a missing repository). BuildKit v0.31.2 formats it with

@@ -10,6 +10,9 @@ Only hop-by-hop headers are not passed on; the proxy itself answers
 answer an S3-style error instead, or every such request from then on; `log`
 is what the proxy answered, injected or forwarded. A `refuse` function, when
 given, answers what the target would serve but S3 refuses (sandbox/presign.py).
+
+Source: the S3 error responses (docs.aws.amazon.com AmazonS3 ErrorResponses.html; codes as in botocore
+data/s3/2006-03-01/service-2.json, v1.43.117) for the bodies it answers.
 """
 
 from __future__ import annotations

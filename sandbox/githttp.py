@@ -15,6 +15,8 @@ them after a 401 (git/git http.c v2.39.5: `init_curl_http_auth` when
 `http_auth.password` is set; `credential_fill` once a request got 401), so a
 `<token>@` URL fetches without the token reaching the host. Each request's
 path and whether it carried an Authorization header are recorded.
+
+Source: git/git http-backend.c, http.c, Documentation/git-http-backend.txt (v2.39.5).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ given after the script (`commandname` is set), `line N: ` (`ash_vmsg`); `X: not 
 (`shellexec`); a redirection that cannot be opened prints `can't create F: <strerror>` ("nonexistent directory"
 for ENOENT, `errmsg`) and the command gets status 1 (`redirectsafe`). BusyBox's cat and cp print
 `cat: can't open 'F': <strerror>` and `cp: can't stat 'F': <strerror>` (libbb `bb_perror_msg`), status 1.
+
+Source: BusyBox shell/ash.c and libbb/xfuncs_printf.c (1.36, the shell of the Alpine-based moby/buildkit images).
 """
 
 from __future__ import annotations
