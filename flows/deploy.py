@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from flows.config import ReleaseSpec
 from flows.kube import with_retries
-from flows.limits import _logger, ensure_limit, held_slot
+from flows.limits import ensure_limit, held_slot, run_logger
 from flows.rollout import (
     PodProblemRecorder,
     RolloutFailed,
@@ -187,7 +187,7 @@ async def run_helm(argv: list[str], timeout: float) -> str:
 async def stop_helm(process: asyncio.subprocess.Process, output: asyncio.Future, argv: list[str]) -> None:
     """SIGTERM, up to `HELM_STOP_SECONDS` for helm to fail and roll back its operation, then SIGKILL."""
     if process.returncode is None:
-        _logger().warning("stopping `helm %s`: SIGTERM, so that it records the release as failed and rolls it "
+        run_logger().warning("stopping `helm %s`: SIGTERM, so that it records the release as failed and rolls it "
                           "back; killed if it has not ended in %.0f s", argv[1], HELM_STOP_SECONDS)
         with contextlib.suppress(ProcessLookupError):
             process.terminate()
@@ -337,11 +337,11 @@ async def recover_pending(helm: Helm, api: client.ApiClient) -> int | None:
     release, last = helm.release, max(history)
     where = f"release {release.namespace}/{release.name}: revision {last} is {history[last]}"
     if recovery == "uninstall":
-        _logger().warning("%s (a helm was stopped before the release was ever installed); uninstalling it "
+        run_logger().warning("%s (a helm was stopped before the release was ever installed); uninstalling it "
                           "to install it afresh", where)
         await helm.uninstall()
         return None
-    _logger().warning("%s (a helm was stopped mid-operation); rolling back to revision %d, then upgrading",
+    run_logger().warning("%s (a helm was stopped mid-operation); rolling back to revision %d, then upgrading",
                       where, recovery)
     await helm.rollback(recovery)
     return last + 1

@@ -169,7 +169,7 @@ async def _keep_renewed(prefect: PrefectClient, slot: Slot, lease_seconds: float
             return _lost(slot, f"no renewal of its lease {slot.lease} got through before it expired ({problem})",
                          when_lost)
         delay = min(10.0, lease_seconds * RENEW_AFTER, lease_seconds * (1 - RENEW_AFTER) / 3, left)
-        _logger().warning("could not renew the lease on a slot of %r (%s); trying again in %.0f s", slot.name,
+        run_logger().warning("could not renew the lease on a slot of %r (%s); trying again in %.0f s", slot.name,
                           problem, delay)
 
 
@@ -178,7 +178,7 @@ def _lost(slot: Slot, why: str, when_lost: str) -> None:
                  f"this run, so more holders than it allows may run at once; a Prefect server restart with "
                  f"in-memory lease storage does this and leaves the slot taken for good (README: \"Slot leases "
                  f"and server restarts\")")
-    _logger().error("%s%s", slot.lost, f". {when_lost}" if when_lost else "")
+    run_logger().error("%s%s", slot.lost, f". {when_lost}" if when_lost else "")
 
 
 async def _release(prefect: PrefectClient, slot: Slot, recorded: asyncio.Task) -> None:
@@ -202,7 +202,7 @@ async def _record_holder(prefect: PrefectClient, slot: Slot) -> bool:
                                                      tags=[HOLDER_TAG]))
         return True
     except (ObjectAlreadyExists, httpx.HTTPError) as exc:
-        _logger().debug("could not record the holder of a slot of %r: %s", slot.name, exc)
+        run_logger().debug("could not record the holder of a slot of %r: %s", slot.name, exc)
         return False
 
 
@@ -241,7 +241,8 @@ async def _describe_holders(prefect: PrefectClient, name: str, waited: float) ->
     return text
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The flow or task run's logger, so a message reaches the run log; this module's outside a run."""
     try:
         return get_run_logger()
     except MissingContextError:

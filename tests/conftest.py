@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +80,16 @@ def example_app(tmp_path, sandbox) -> ExampleApp:
     commit_all(pipeline_file.parent, "Namespaces for this test")
     config = load_config(pipeline_file)
     return ExampleApp(pipeline_file, config, sandbox.prepare(config))
+
+
+def wait_until(condition, timeout: float = 30.0, what: str | None = None, interval: float = 0.05):
+    """Poll `condition` until it returns something truthy and return that, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or condition.__name__}")
 
 
 def by_name(result) -> dict:

@@ -14,7 +14,8 @@ import pytest
 from flows import pending
 from flows.pipeline import PipelineFailed
 from tests.conftest import jobs
-from tests.test_build_sandbox import MCP_REPOSITORY, wait_for
+from tests.conftest import wait_until
+from tests.test_build_sandbox import MCP_REPOSITORY
 from tests.test_deploy import deployed_image, edit_pipeline
 
 MCP, AGENT = "weather-mcp", "weather-agent"
@@ -66,7 +67,7 @@ def test_an_unschedulable_pod_whose_node_is_being_provisioned_keeps_waiting(pref
     seen: dict = {}
 
     def provision() -> None:
-        pod = wait_for(lambda: next((p for p in sandbox.kube.list("pods", namespace)
+        pod = wait_until(lambda: next((p for p in sandbox.kube.list("pods", namespace)
                                      if p["metadata"]["labels"].get("buildkit-pipeline/component") == MCP
                                      and (p.get("status") or {}).get("conditions")), None))
         sandbox.kube.record_event(pod, "Normal", "Nominated", "Pod should schedule on: nodeclaim/default-x8k2p",
@@ -107,7 +108,7 @@ def test_an_evicted_build_pod_is_replaced_and_its_image_deployed(prefect_server,
     evicted: list[str] = []
 
     def evict_first_pod() -> None:
-        pod = wait_for(lambda: next((p for p in sandbox.kube.list("pods", namespace)
+        pod = wait_until(lambda: next((p for p in sandbox.kube.list("pods", namespace)
                                      if p["metadata"]["labels"].get("buildkit-pipeline/component") == MCP
                                      and (p.get("status") or {}).get("phase") == "Running"), None))
         time.sleep(0.5)

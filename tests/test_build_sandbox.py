@@ -14,7 +14,7 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flows.pipeline import PipelineFailed, build_and_deploy
 from sandbox.example import commit_all
-from tests.conftest import by_name, jobs
+from tests.conftest import by_name, jobs, wait_until
 
 MCP, AGENT = "weather-mcp", "weather-agent"
 MCP_REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/weather-mcp"
@@ -29,15 +29,6 @@ def slow_mcp_build(sandbox, monkeypatch):
 @pytest.fixture
 def failing_mcp_build(sandbox, monkeypatch):
     return lambda text: monkeypatch.setitem(sandbox.buildkit.failures, MCP_REPOSITORY, text)
-
-
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {predicate.__name__}")
 
 
 def in_background(app, **params) -> tuple[threading.Thread, dict]:
@@ -62,10 +53,10 @@ def test_build_log_lines_reach_the_prefect_log_before_the_job_finishes(prefect_s
     slow_mcp_build(8)
     # without the registry cache an earlier build of the same context in this session cannot make the steps instant
     thread, outcome = in_background(example_app, deploy=False, no_cache=True)
-    [job] = wait_for(lambda: jobs(sandbox, example_app, MCP))
+    [job] = wait_until(lambda: jobs(sandbox, example_app, MCP))
     flow_run_id = job["metadata"]["labels"]["buildkit-pipeline/flow-run"]
 
-    streamed = wait_for(lambda: [m for m in flow_logs(flow_run_id) if m.startswith(f"{MCP} | #")], timeout=20)
+    streamed = wait_until(lambda: [m for m in flow_logs(flow_run_id) if m.startswith(f"{MCP} | #")], timeout=20)
 
     still_running = sandbox.kube.get("jobs", example_app.config.build.namespace, job["metadata"]["name"])
     assert not [c for c in still_running["status"].get("conditions", []) if c["type"] == "Complete"]
@@ -78,7 +69,7 @@ def test_a_dropped_watch_and_410_gone_resume_without_a_second_job(prefect_server
                                                                   slow_mcp_build):
     slow_mcp_build(3)
     thread, outcome = in_background(example_app, deploy=False)
-    wait_for(lambda: jobs(sandbox, example_app, MCP))
+    wait_until(lambda: jobs(sandbox, example_app, MCP))
     time.sleep(0.5)
     sandbox.kube.expire_history()
     sandbox.kube.drop_watches()
@@ -190,7 +181,7 @@ def test_a_cancelled_run_leaves_no_job_and_no_secret(prefect_server, sandbox, ex
     with example_app.connected():
         asyncio.run(start_then_cancel())
 
-    wait_for(lambda: not jobs(sandbox, example_app, MCP), timeout=10)
+    wait_until(lambda: not jobs(sandbox, example_app, MCP), timeout=10)
     assert sandbox.kube.list("secrets", namespace) == []
     assert sandbox.kube.list("pods", namespace, label_selector=f"buildkit-pipeline/component={MCP}") == []
 

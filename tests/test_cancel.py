@@ -10,7 +10,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import State, StateType
 
-from tests.conftest import HELM
+from tests.conftest import HELM, wait_until
 from tests.test_operations import MCP_REPOSITORY, served  # noqa: F401 - `served` is a fixture
 
 MCP = "weather-mcp"
@@ -21,15 +21,6 @@ def run_objects(sandbox, namespace: str, flow_run_id: str) -> list[str]:
     """The Jobs and Secrets in the emulator labelled with this flow run."""
     return [f"{kind}/{o['metadata']['name']}" for kind in ("jobs", "secrets") for o in sandbox.kube.list(kind, namespace)
             if (o["metadata"].get("labels") or {}).get(FLOW_RUN_LABEL) == flow_run_id]
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def settle(condition, timeout: float) -> None:
@@ -55,7 +46,7 @@ def cancel(client, flow_run_id) -> None:
 
 def final_state(client, flow_run_id, timeout: float = 120):
     return wait_until(lambda: (s := client.read_flow_run(flow_run_id).state) and s.is_final() and s, timeout,
-                      "the flow run to end")
+                      "the flow run to end", interval=0.2)
 
 
 def run_log(client, flow_run_id) -> str:
@@ -72,7 +63,8 @@ def test_a_served_run_cancelled_through_the_api_deletes_its_build_job_and_secret
     with get_client(sync_client=True) as client:
         run = start_run(client, served, components=[MCP], deploy=False, skip_unchanged=False)
         created = wait_until(lambda: (objects := run_objects(sandbox, namespace, str(run.id)))
-                             and any(o.startswith("jobs/") for o in objects) and objects, 120, "the build Job")
+                             and any(o.startswith("jobs/") for o in objects) and objects, 120, "the build Job",
+                             interval=0.2)
         assert any(o.startswith("secrets/") for o in created)
         for kind_and_name in created:
             kind, name = kind_and_name.split("/")
@@ -124,7 +116,7 @@ def kill_helm_mid_operation(sandbox, app, component: str) -> list[tuple[int, str
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: pending(release_revisions(sandbox, release.namespace, release.name)), 60,
-                   "helm to store a pending revision")
+                   "helm to store a pending revision", interval=0.2)
     finally:
         helm.kill()
         helm.wait(30)
@@ -183,7 +175,7 @@ def test_a_served_run_cancelled_during_helm_leaves_no_pending_release(served, sa
     with get_client(sync_client=True) as client:
         run = start_run(client, served, components=[MCP], skip_unchanged=False)
         wait_until(lambda: pending(release_revisions(sandbox, release.namespace, release.name)), 180,
-                   "helm to store a pending revision")
+                   "helm to store a pending revision", interval=0.2)
         cancel(client, run.id)
         state = final_state(client, run.id)
         settle(lambda: not pending(release_revisions(sandbox, release.namespace, release.name)), 30)
