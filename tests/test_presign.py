@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import boto3
 import pytest
@@ -151,7 +151,11 @@ def test_s3_refuses_a_url_signed_with_session_credentials_once_they_expire(sandb
     assert b"<Code>ExpiredToken</Code><Message>The provided token has expired.</Message>" in body
     assert issued["SessionToken"].encode() not in body
 
-    forged = url.replace(parse_qs(urlsplit(url).query)["X-Amz-Security-Token"][0][:20], "A" * 20)
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    query["X-Amz-Security-Token"] = ["A" * 20 + query["X-Amz-Security-Token"][0][20:]]
+    forged = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+    assert forged != url
     assert get(forged)[0] == 400 and b"<Code>InvalidToken</Code>" in get(forged)[1]
 
 
