@@ -186,6 +186,25 @@ class KubeEmulator:
         return rbac.write_service_account_kubeconfig(self.rbac, self.https_url, self.certificate.ca_pem, path, namespace,
                                                     name, expiration_seconds)
 
+    def write_exec_kubeconfig(self, path: str | os.PathLike, principal: str, lifetime_seconds: float,
+                              username: str | None = None, groups: tuple[str, ...] = ()) -> pathlib.Path:
+        """A kubeconfig whose user gets tokens from an exec plugin (sandbox/kube/exec_credential.py, the
+        sandbox's `aws eks get-token`) that work for `lifetime_seconds`; with `username`, the access entry that
+        maps the IAM principal to that user and `groups` for RBAC."""
+        if username is not None:
+            self.rbac.authenticator.exec_tokens.add_access_entry(principal, username, groups)
+        return rbac.write_exec_kubeconfig(self.rbac, self.https_url, self.certificate.ca_pem, path, principal,
+                                          lifetime_seconds)
+
+    @property
+    def exec_token_uses(self) -> list[rbac.ExecTokenUse]:
+        """Each exec token's first accepted request and every refusal of one (sandbox/kube/rbac.py ExecTokens)."""
+        return self.rbac.authenticator.exec_tokens.recorded()
+
+    def revoke_exec_tokens(self) -> None:
+        """The exec tokens issued so far answer 401 from now on; the plugin's next one works (`ExecTokens.revoke`)."""
+        self.rbac.authenticator.exec_tokens.revoke()
+
     # ---------------------------------------------------------------- state
 
     def get(self, resource: str, namespace: str | None, name: str) -> dict | None:

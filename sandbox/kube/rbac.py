@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import json
 import os
 import pathlib
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ from urllib.parse import parse_qsl
 
 import yaml
 
-from . import catalog, errors
+from . import catalog, errors, exec_credential
 
 if TYPE_CHECKING:
     from .store import ObjectStore
@@ -421,14 +423,85 @@ class Token:
     audiences: list[str] = field(default_factory=list)
 
 
+@dataclass
+class ExecTokenUse:
+    """One token of the exec plugin as the emulator met it: never the token itself, only its fingerprint."""
+
+    fingerprint: str
+    principal: str
+    client: str
+    expires: float
+    outcome: str  # "accepted" (its first accepted request), "expired", "revoked", "no access entry"
+    time: float = field(default_factory=time.time)
+
+
+class ExecTokens:
+    """Tokens of the sandbox's `aws eks get-token` (sandbox/kube/exec_credential.py), authenticated as EKS does.
+
+    The token proves an IAM principal until its lifetime has passed by the server's clock
+    (kubernetes-sigs/aws-iam-authenticator pkg/token/token.go: 15 minutes after X-Amz-Date); an access entry maps
+    the principal to a username and Kubernetes groups (EKS CreateAccessEntry `username`, `kubernetesGroups`),
+    which RBAC binds like any user. An expired token, one of a principal without an access entry, or one
+    issued before `revoke` answers 401 Unauthorized. `uses` records each token's first accepted request and
+    every refusal.
+    """
+
+    def __init__(self) -> None:
+        self.key = secrets.token_bytes(32)
+        self.uses: list[ExecTokenUse] = []
+        self._entries: dict[str, User] = {}
+        self._accepted: set[str] = set()
+        self._revoked_before = 0.0
+        self._lock = threading.Lock()
+
+    def add_access_entry(self, principal: str, username: str, groups: tuple[str, ...] = ()) -> None:
+        with self._lock:
+            self._entries[principal] = User(username, (*groups, "system:authenticated"))
+
+    def revoke(self) -> None:
+        """Every token issued so far is refused from now on: what STS does to a GetCallerIdentity signed with
+        role-session credentials issued before the role's sessions were revoked (IAM `aws:TokenIssueTime`), and
+        what a client meets when the server's clock is ahead of its own. The plugin's next token works."""
+        with self._lock:
+            self._revoked_before = time.time()
+
+    def recorded(self) -> list[ExecTokenUse]:
+        with self._lock:
+            return list(self.uses)
+
+    def authenticate(self, token: str, client: str) -> User | None:
+        try:
+            principal, issued, expires = exec_credential.verify(self.key, token)
+        except exec_credential.InvalidToken:
+            return None
+        fingerprint = hashlib.sha256(token.encode()).hexdigest()[:16]
+        with self._lock:
+            user = self._entries.get(principal)
+            if time.time() >= expires:
+                outcome = "expired"
+            elif issued <= self._revoked_before:
+                outcome = "revoked"
+            elif user is None:
+                outcome = "no access entry"
+            elif fingerprint in self._accepted:
+                return user
+            else:
+                outcome = "accepted"
+                self._accepted.add(fingerprint)
+            self.uses.append(ExecTokenUse(fingerprint, principal, client, expires, outcome))
+        return user if outcome == "accepted" else None
+
+
 class Authenticator:
     """Bearer tokens minted by TokenRequest, bound to the ServiceAccount's uid: a token of a deleted (or
-    recreated) ServiceAccount, or an expired one, answers 401 like the real server."""
+    recreated) ServiceAccount, or an expired one, answers 401 like the real server; and the exec plugin's
+    tokens (`ExecTokens`)."""
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
         self._tokens: dict[str, Token] = {}
         self._lock = threading.Lock()
+        self.exec_tokens = ExecTokens()
 
     def mint(self, namespace: str, name: str, expiration_seconds: int = DEFAULT_TOKEN_SECONDS,
              audiences: list[str] | None = None) -> tuple[str, Token]:
@@ -440,13 +513,15 @@ class Authenticator:
             self._tokens[value] = token
         return value, token
 
-    def authenticate(self, authorization: str | None) -> User | None:
+    def authenticate(self, authorization: str | None, client: str = "") -> User | None:
         """The user, ADMIN without credentials, None when the credentials are not valid."""
         if not authorization:
             return ADMIN
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() != "bearer" or not value.strip():
             return None
+        if value.strip().startswith(exec_credential.PREFIX):
+            return self.exec_tokens.authenticate(value.strip(), client)
         with self._lock:
             token = self._tokens.get(value.strip())
         if token is None or token.expires < time.time():
@@ -470,7 +545,7 @@ class Rbac:
         self.authorizer = Authorizer(store)
 
     def check(self, method: str, path: str, query_string: str, headers) -> tuple[User | None, errors.ApiError | None]:
-        user = self.authenticator.authenticate(headers.get("Authorization"))
+        user = self.authenticator.authenticate(headers.get("Authorization"), headers.get("User-Agent", ""))
         if user is None:
             return None, unauthorized()
         attrs = request_attributes(user, method, path, query_string)
@@ -588,6 +663,32 @@ def write_service_account_kubeconfig(rbac: Rbac, server: str, ca_pem: bytes, pat
     }
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+    return path
+
+
+def write_exec_kubeconfig(rbac: Rbac, server: str, ca_pem: bytes, path: str | os.PathLike, principal: str,
+                          lifetime_seconds: float) -> pathlib.Path:
+    """A kubeconfig whose user runs the sandbox's exec plugin, as the one `aws eks update-kubeconfig` writes runs
+    `aws eks get-token`; the plugin's signing key in a file beside it, both 0600."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key_file = path.with_name(path.name + ".key")
+    key_file.write_bytes(rbac.authenticator.exec_tokens.key)
+    key_file.chmod(0o600)
+    config = {
+        "apiVersion": "v1", "kind": "Config", "preferences": {},
+        "clusters": [{"name": "sandbox", "cluster": {
+            "server": server, "certificate-authority-data": base64.b64encode(ca_pem).decode()}}],
+        "users": [{"name": principal, "user": {"exec": {
+            "apiVersion": exec_credential.V1, "command": sys.executable,
+            "args": [exec_credential.__file__, "--principal", principal, "--lifetime-seconds", str(lifetime_seconds),
+                     "--key-file", str(key_file)],
+            "interactiveMode": "Never", "provideClusterInfo": False}}}],
+        "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": principal}}],
+        "current-context": "sandbox",
+    }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     path.chmod(0o600)
     return path
