@@ -4,25 +4,102 @@ retries of transient API errors."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.config.dateutil import parse_rfc3339
+from kubernetes_asyncio.config.exec_provider import ExecProvider
+
+BEARER = "BearerToken"
 
 
 @asynccontextmanager
 async def kube_api(kubeconfig: str | None) -> AsyncIterator[client.ApiClient]:
     configuration = client.Configuration()
+    loader = None
     if kubeconfig:
-        await config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        loader = await config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
     else:
         try:
             config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
-            await config.load_kube_config(client_configuration=configuration)
+            loader = await config.load_kube_config(client_configuration=configuration)
     async with client.ApiClient(configuration) as api:
+        # kubernetes_asyncio's own refresh_token() reads the exec config from the loader's `_user` too
+        user = loader._user if loader is not None else None
+        if user is not None and "exec" in user and BEARER in configuration.api_key:
+            ExecCredential(user["exec"], configuration, getattr(loader, "exec_plugin_expiry", None)).install(api)
         yield api
+
+
+class ExecCredential:
+    """The token of a kubeconfig's exec plugin (`aws eks get-token`), fetched again when it expires or is refused.
+
+    kubernetes_asyncio 36.1.0 runs the plugin once, when the kubeconfig is loaded (config/kube_config.py
+    `load_from_exec_plugin`); only its `refresh_token()` loop, which nothing starts for us, runs it again
+    (tomplus/kubernetes_asyncio#257), so a run longer than an EKS token (15 minutes) got 401 on every request
+    after it. client-go runs the plugin again once `status.expirationTimestamp` has passed and after a 401, unless
+    the token was replaced meanwhile (kubernetes/client-go plugin/pkg/client/auth/exec/exec.go v0.35.2 `getCreds`,
+    `maybeRefreshCreds`); this does the same, before every request (the configuration's `refresh_api_key_hook`)
+    and on a 401, and sends the refused request once more with the new token, which client-go leaves to its
+    caller. The request layer is where watches and log follows are opened too, so a watch opened again after its
+    stream ended gets the current token. `aws eks get-token` reports the expiry a minute before the token stops
+    working (aws/aws-cli awscli/customizations/eks/get_token.py), so the expiry needs no margin of its own.
+    """
+
+    def __init__(self, exec_config, configuration: client.Configuration,
+                 expires: datetime.datetime | None) -> None:
+        self._provider = ExecProvider(exec_config)
+        self._configuration = configuration
+        self._expires = expires
+        self._lock = asyncio.Lock()
+
+    def install(self, api: client.ApiClient) -> None:
+        self._configuration.refresh_api_key_hook = self._before_request
+        send = api.rest_client.request
+
+        async def request(method, url, query_params=None, headers=None, **kwargs):
+            sent = (headers or {}).get("authorization")
+            try:
+                response = await send(method, url, query_params=query_params, headers=headers, **kwargs)
+            except ApiException as exc:
+                if exc.status != 401 or sent is None:
+                    raise
+            else:
+                if response.status != 401 or sent is None:
+                    return response
+                response.release()  # a watch or log follow (not preloaded) answered 401
+            headers["authorization"] = await self.renew(sent)
+            return await send(method, url, query_params=query_params, headers=headers, **kwargs)
+
+        api.rest_client.request = request
+
+    def _expired(self) -> bool:
+        return self._expires is not None and datetime.datetime.now(datetime.UTC) >= self._expires
+
+    async def _before_request(self, configuration: client.Configuration) -> None:
+        if self._expired():
+            async with self._lock:
+                if self._expired():
+                    await self._run_plugin()
+
+    async def renew(self, refused: str) -> str:
+        """The header value to send instead of `refused`: a new token, unless another request already got one."""
+        async with self._lock:
+            if self._configuration.api_key.get(BEARER) == refused:
+                await self._run_plugin()
+            return self._configuration.api_key[BEARER]
+
+    async def _run_plugin(self) -> None:
+        status = await self._provider.run()
+        if "token" not in status:
+            raise config.ConfigException("exec: the plugin gave no token when it was run again")
+        self._configuration.api_key[BEARER] = f"Bearer {status['token']}"
+        expires = status.get("expirationTimestamp")
+        self._expires = parse_rfc3339(expires) if expires else None
 
 
 class Watch(watch.Watch):

@@ -3,19 +3,28 @@ emulator that refuses the plugin's tokens once they expire (sandbox/kube/exec_cr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
+import threading
 import time
 import uuid
 
 import pytest
 import yaml
+from kubernetes_asyncio import client
+
+from flows.kube import Watch, kube_api
 from sandbox.kube import exec_credential
 from tests.conftest import wait_until
-from tests.test_rbac import KUBECTL, call
+from tests.test_rbac import KUBECTL, RBAC_FILE, RELEASE_RBAC_FILE, admin, call, helm_revisions, \
+    in_build_namespace, release_names, run_as
 
 PRINCIPAL = "arn:aws:iam::123456789012:role/buildkit-pipeline"
 USERNAME, GROUP = "buildkit-pipeline-ci", "buildkit-pipeline"
+MCP_REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/weather-mcp"
+AGENT_REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/weather-agent"
+PYTHON_CLIENT = "OpenAPI-Generator/"  # kubernetes_asyncio's User-Agent; kubectl's and helm's name themselves
 
 
 def uses_by(sandbox, client_prefix: str, since: float) -> list:
@@ -94,3 +103,140 @@ def test_kubectl_authenticates_through_the_plugin(sandbox, tmp_path, exec_namesp
     assert (done.returncode, done.stdout) == (0, "configmap/first\n"), done.stderr
     assert outcomes(uses_by(sandbox, "kubectl/", since)) == ["accepted"]
     assert [r.user for r in sandbox.kube.requests if r.namespace == exec_namespace][-1:] == [USERNAME]
+
+
+# ---------------------------------------------------------------- the flow's API client
+
+
+def test_the_flows_client_runs_the_plugin_again_once_the_token_has_expired(sandbox, tmp_path, exec_namespace):
+    """Before a request, a token past its expirationTimestamp is replaced: the request is never refused."""
+    path = exec_kubeconfig(sandbox, tmp_path, 2)
+    since = time.time()
+
+    async def two_requests_a_token_apart():
+        async with kube_api(path) as api:
+            core = client.CoreV1Api(api)
+            await core.list_namespaced_config_map(exec_namespace)
+            await asyncio.sleep(2.1)
+            return await core.list_namespaced_config_map(exec_namespace)
+
+    listed = asyncio.run(two_requests_a_token_apart())
+    assert [c.metadata.name for c in listed.items] == ["first"]
+    assert outcomes(uses_by(sandbox, PYTHON_CLIENT, since)) == ["accepted", "accepted"]
+
+
+def test_a_refused_token_is_replaced_and_the_request_and_a_reopened_watch_sent_again(sandbox, tmp_path,
+                                                                                       exec_namespace):
+    """A 401 for a token the client still holds valid (revoked, or a server clock ahead): the plugin runs again,
+    the request goes once more with the new token; a watch opened again after its stream ended the same."""
+    path = exec_kubeconfig(sandbox, tmp_path, 600)
+    since = time.time()
+
+    async def through_a_revocation():
+        async with kube_api(path) as api:
+            core = client.CoreV1Api(api)
+            await core.list_namespaced_config_map(exec_namespace)
+            sandbox.kube.revoke_exec_tokens()
+            listed = await core.list_namespaced_config_map(exec_namespace)
+            async with Watch(api) as stream:
+                async for event in stream.stream(core.list_namespaced_config_map, exec_namespace, timeout_seconds=30):
+                    sandbox.kube.revoke_exec_tokens()
+                    sandbox.kube.drop_watches()
+            names = []
+            async with Watch(api) as stream:
+                async for event in stream.stream(core.list_namespaced_config_map, exec_namespace, timeout_seconds=1):
+                    names.append(event["object"].metadata.name)
+            return listed, names
+
+    listed, names = asyncio.run(through_a_revocation())
+    assert [c.metadata.name for c in listed.items] == ["first"]
+    assert names == ["first"]
+    assert outcomes(uses_by(sandbox, PYTHON_CLIENT, since)) == ["accepted", "revoked", "accepted", "revoked",
+                                                                "accepted"]
+    mine = [r for r in sandbox.kube.requests if r.namespace == exec_namespace]
+    assert [r.status for r in mine if r.query.get("watch")][-2:] == [401, 200], "the reopened watch, sent again"
+
+
+# ---------------------------------------------------------------- a pipeline run
+
+
+def provision_exec_user(sandbox, app) -> None:
+    """The shipped RBAC manifests, and RoleBindings of the same roles for the group the access entry gives
+    (EKS access entries map an IAM principal to a username and `kubernetesGroups`)."""
+    build = app.config.build.namespace
+    admin(sandbox, "apply", "-f", "-", stdin=in_build_namespace(RBAC_FILE.read_text(), build))
+    group = [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": GROUP}]
+    sandbox.kube.create("rolebindings", build, {
+        "metadata": {"name": "buildkit-pipeline-group"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "buildkit-pipeline"},
+        "subjects": group})
+    for namespace in release_names(app):
+        admin(sandbox, "apply", "-n", namespace, "-f", "-",
+              stdin=in_build_namespace(RELEASE_RBAC_FILE.read_text(), build))
+        sandbox.kube.create("rolebindings", namespace, {
+            "metadata": {"name": "buildkit-pipeline-release-group"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "buildkit-pipeline-release"},
+            "subjects": group})
+
+
+def build_pods_running(sandbox, app) -> bool:
+    pods = sandbox.kube.list("pods", app.config.build.namespace)
+    return len(pods) == 2 and all((p.get("status") or {}).get("phase") == "Running" for p in pods)
+
+
+def test_a_run_longer_than_its_exec_token_builds_and_deploys(prefect_server, sandbox, example_app, tmp_path):
+    """Tokens of 3 s, builds of 8 s: the build's watches reopen after the token expired, a token is revoked
+    mid-build, and the cleanup, helm and the rollout check come after; the run refreshes and passes."""
+    app = example_app
+    provision_exec_user(sandbox, app)
+    kubeconfig = exec_kubeconfig(sandbox, tmp_path, 3)
+    since, first = time.time(), len(sandbox.kube.requests)
+    problems: list[str] = []
+
+    def mid_build() -> None:
+        """After the run's token expired, end its watches (they reopen: a new token, no refusal); once it has a
+        new token, revoke it and end them again (they reopen: refused, a new token, sent again)."""
+        try:
+            wait_until(lambda: build_pods_running(sandbox, app), timeout=120, what="both build pods running")
+            time.sleep(3.2)
+            accepted = len(uses_by(sandbox, PYTHON_CLIENT, since))
+            sandbox.kube.drop_watches()
+            wait_until(lambda: len(uses_by(sandbox, PYTHON_CLIENT, since)) > accepted, timeout=10,
+                       what="a new token once the first expired")
+            sandbox.kube.revoke_exec_tokens()
+            sandbox.kube.drop_watches()
+            wait_until(lambda: "revoked" in outcomes(uses_by(sandbox, PYTHON_CLIENT, since)), timeout=10,
+                       what="a refused request")
+        except AssertionError as exc:
+            problems.append(str(exc))
+
+    for repository in (MCP_REPOSITORY, AGENT_REPOSITORY):
+        sandbox.buildkit.build_seconds[repository] = 8
+    helper = threading.Thread(target=mid_build, daemon=True)
+    helper.start()
+    try:
+        state = run_as(app, kubeconfig)
+        requests = sandbox.kube.requests[first:]
+    finally:
+        for repository in (MCP_REPOSITORY, AGENT_REPOSITORY):
+            sandbox.buildkit.build_seconds.pop(repository, None)
+        helper.join(timeout=30)
+
+    assert state.is_completed(), state.message
+    assert problems == []
+    for component in ("weather-mcp", "weather-agent"):
+        release = app.config.component(component).release
+        assert helm_revisions(sandbox, release.name, release.namespace) == [1]
+    flow = uses_by(sandbox, PYTHON_CLIENT, since)
+    assert outcomes(flow).count("accepted") >= 3, "the run's own client ran the plugin again"
+    assert "revoked" in outcomes(flow) and "expired" not in outcomes(flow), \
+        "refused only when revoked: an expired token is replaced before it is sent"
+    helm = uses_by(sandbox, "Helm/", since)
+    assert helm and set(outcomes(helm)) == {"accepted"}
+    assert {r.user for r in requests if r.status != 401} == {USERNAME}, "every request as the exec user"
+    refused = [r for r in requests if r.status == 401]
+    assert refused and not [r for r in requests if r.status == 403]
+    for request in refused:
+        assert any(r.path == request.path and r.method == request.method and r.status < 400 and r.time >= request.time
+                   for r in requests), f"{request.method} {request.path} was sent again and answered"
