@@ -3,7 +3,7 @@ Role in deployments/rbac.yaml.
 
 The secrets of a run: the ECR token minted for the build, the presigned URL's signature, the values of
 `release.set_secret` (Prefect Secret blocks) and of the build secrets. They may live where they are needed
-(the Job's args, the build's Kubernetes Secrets, the helm release) and nowhere else: not in the run's
+(the build's Kubernetes Secrets, which hold the presigned URL too, and the helm release) and nowhere else: not in the run's
 Prefect logs, its artifacts, its result, the texts of its errors, or any Python log record, with every
 logger at DEBUG.
 """
