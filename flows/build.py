@@ -30,6 +30,15 @@ BUILD_SCRIPT = f'buildctl-daemonless.sh "$@" && cat {METADATA_FILE} > {TERMINATI
 DOCKER_CONFIG_DIR = "/buildkit/docker-config"
 BUILD_SECRETS_DIR = "/run/build-secrets"
 CONTEXT_URL_PLACEHOLDER = "<presigned-url>"
+# The presigned URL lives in the per-build registry Secret, never in the Job: anyone who may read Jobs and Pods
+# (the `view` ClusterRole, kubernetes/kubernetes plugin/pkg/auth/authorizer/rbac/bootstrappolicy/policy.go) may not
+# read Secrets. A `kubernetes.io/dockerconfigjson` Secret requires only `.dockerconfigjson` and takes more keys
+# (pkg/apis/core/validation/validation.go ValidateSecret). The kubelet sets the env from the key and expands
+# `$(CONTEXT_URL)` in command and args before the container starts (pkg/kubelet/container/helpers.go
+# ExpandContainerCommandAndArgs), once: the URL's characters are never expanded again.
+CONTEXT_URL_KEY = "context-url"
+CONTEXT_URL_ENV = "CONTEXT_URL"
+CONTEXT_URL_REF = f"$({CONTEXT_URL_ENV})"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "buildkit-pipeline"}
 CONTAINER = "buildkit"
 BUILDKIT_CACHE_TAG = "buildcache"
@@ -141,7 +150,7 @@ def buildctl_args(request: BuildRequest) -> list[str]:
     return [
         "build",
         "--frontend=dockerfile.v0",
-        "--opt", f"context={request.context_url}",
+        "--opt", f"context={CONTEXT_URL_REF}",
         "--opt", f"filename={request.archive.dockerfile}",
         "--opt", f"contextsubdir={request.archive.contextsubdir}",
         *(["--opt", f"platform={','.join(request.platforms)}"] if request.platforms else []),
@@ -201,6 +210,12 @@ def registry_config_volume(request: BuildRequest, mount_path: str) -> tuple[dict
         "secret": {"secretName": request.registry_secret, "items": [{"key": ".dockerconfigjson", "path": "config.json"}]},
     }
     return volume, {"name": "docker-config", "mountPath": mount_path, "readOnly": True}
+
+
+def context_url_env(request: BuildRequest) -> dict:
+    """The container's `CONTEXT_URL`, read by the kubelet from the registry Secret (see CONTEXT_URL_KEY)."""
+    return {"name": CONTEXT_URL_ENV,
+            "valueFrom": {"secretKeyRef": {"name": request.registry_secret, "key": CONTEXT_URL_KEY}}}
 
 
 def pod_failure_policy(container: str) -> dict:
@@ -272,7 +287,7 @@ def build_job_manifest(request: BuildRequest) -> dict:
         "image": buildkit_image(settings),
         "command": ["/bin/sh", "-c", BUILD_SCRIPT, "buildctl-daemonless.sh"],
         "args": buildctl_args(request),
-        "env": [{"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_DIR}, *mode_env],
+        "env": [{"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_DIR}, context_url_env(request), *mode_env],
         "securityContext": container_security,
         "volumeMounts": [config_mount, {"name": "buildkitd-state", "mountPath": state_dir}, *secret_mounts],
     }

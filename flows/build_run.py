@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from flows.aws import aws_client
 from flows.build import (
+    CONTEXT_URL_KEY,
     BuildFailed,
     BuildRequest,
     BuiltImage,
@@ -84,6 +85,14 @@ def image_facts(credentials: AwsCredentials, registry: str, image: BuiltImage) -
     manifest = json.loads(images[0]["imageManifest"]) if images else {}
     return ImageFacts(size_bytes=details.get("imageSizeInBytes"),
                       layers=len(manifest["layers"]) if "layers" in manifest else None)
+
+
+def registry_secret(request: BuildRequest, namespace: str, token: RegistryToken, labels: dict[str, str]) -> dict:
+    """The build's registry Secret, which also holds the presigned context URL the container reads through its env
+    (flows/build.py CONTEXT_URL_KEY), so that the URL is in no Job or Pod spec."""
+    manifest = registry_secret_manifest(request.registry_secret, namespace, token, labels)
+    manifest["data"][CONTEXT_URL_KEY] = base64.b64encode(request.context_url.encode()).decode()
+    return manifest
 
 
 def build_secrets_manifest(name: str, namespace: str, values: dict[str, str], labels: dict[str, str]) -> dict:
@@ -370,7 +379,7 @@ async def run_build(
     labels = manifest["metadata"]["labels"]
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
     deadline = time.monotonic() + request.settings.timeout_seconds + 60
-    secrets = [registry_secret_manifest(request.registry_secret, namespace, token, labels)]
+    secrets = [registry_secret(request, namespace, token, labels)]
     if secret_values:
         secrets.append(build_secrets_manifest(f"{name}-secrets", namespace, secret_values, labels))
     follower = None

@@ -14,7 +14,14 @@ no AWS identity.
 
 from __future__ import annotations
 
-from flows.build import TERMINATION_MESSAGE_PATH, BuildRequest, build_job, registry_config_volume
+from flows.build import (
+    CONTEXT_URL_REF,
+    TERMINATION_MESSAGE_PATH,
+    BuildRequest,
+    build_job,
+    context_url_env,
+    registry_config_volume,
+)
 
 CONTAINER = "kaniko"
 KANIKO_DIR = "/kaniko"
@@ -35,7 +42,7 @@ def _cache_flags(request: BuildRequest) -> list[str]:
 def kaniko_args(request: BuildRequest) -> list[str]:
     [platform] = request.platforms or [None]
     return [
-        f"--context={request.context_url}",
+        f"--context={CONTEXT_URL_REF}",
         f"--context-sub-path={request.archive.contextsubdir}",
         f"--dockerfile={BUILD_CONTEXT_DIR}/{request.archive.dockerfile}",
         *[f"--destination={name}" for name in request.image.names],
@@ -59,7 +66,7 @@ def kaniko_job_manifest(request: BuildRequest) -> dict:
         "name": CONTAINER,
         "image": request.settings.kaniko_image,
         "args": kaniko_args(request),
-        "env": [{"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_DIR}],
+        "env": [{"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_DIR}, context_url_env(request)],
         "volumeMounts": [config_mount],
     }
     job = build_job(request, container, [config_volume])

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from flows.progress import BuildStep, elapsed
-from flows.secrecy import withhold_presigned_query
 
 INSTRUCTIONS = (
     "ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "HEALTHCHECK", "LABEL",
@@ -137,12 +136,11 @@ class KanikoLog:
             return []
         entry = parse_line(text)
         if entry is None:
-            text = withhold_presigned_query(text)
             if _FATAL.match(text):
                 self._fail(text)
             return [text]
         self._apply(entry)
-        return [withhold_presigned_query(out) for out in entry.lines()]
+        return entry.lines()
 
     def steps(self) -> list[BuildStep]:
         return [
@@ -189,7 +187,7 @@ class KanikoLog:
     def _fail(self, error: str) -> None:
         """The fatal error ends the running step; when is unknown, since the command's own output has no timestamps."""
         if self._running:
-            self._running.error = withhold_presigned_query(error)
+            self._running.error = error
             self._running = None
 
 

@@ -24,6 +24,7 @@ import json
 import posixpath
 import random
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -183,8 +184,8 @@ class SimulatedBuildKit(SimulatedBuilder):
         except ContractError as exc:
             handle.log(self._failure(exc))
             return 1
-        env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
-        argv = [*(container.get("command") or IMAGE_ENTRYPOINT), *container.get("args", [])]
+        command, args, env = handle.process(container)  # `$(VAR)` expanded by the kubelet, before the shell
+        argv = [*(command or IMAGE_ENTRYPOINT), *args]
         programs = {"buildctl-daemonless.sh": lambda process: self._buildctl(handle, process, started)}
         return run_argv(argv, fs, env, programs, handle.log)
 
@@ -225,8 +226,12 @@ class SimulatedBuildKit(SimulatedBuilder):
         pace = Pace(self.build_seconds.get(repository, 0.0))
         progress = RawJsonProgress(handle)
 
+        try:
+            archive = _download(args.opts.get("context", ""))
+        except ContextDownloadFailed as exc:
+            progress.step("[internal] load remote build context", error=exc.cause)
+            raise
         progress.step("[internal] load remote build context")
-        archive = _download(args.opts.get("context", ""))
         contextsubdir = args.opts.get("contextsubdir", "")
         tree, dockerfile = _check_layout(archive, args.opts.get("filename", "Dockerfile"), contextsubdir)
         instructions = dockerfile_instructions(dockerfile)
@@ -354,14 +359,29 @@ def _check_cache_flags(args: BuildctlArgs) -> None:
         raise ContractError("the cache is imported from another ref than it is exported to")
 
 
+class ContextDownloadFailed(ContractError):
+    """The http source's error (the vertex's), wrapped by the dockerfile frontend as buildctl prints it."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(f"failed to resolve httpcontext: {cause}")
+        self.cause = cause
+
+
 def _download(url: str) -> bytes:
+    """moby/buildkit v0.31.2 source/http/source.go: a status outside 200-399 is `invalid response status N`; a
+    failed request is Go's *url.Error, `Get "<url>": <error>`, the whole URL with its query (golang/go
+    src/net/http/client.go `uerr` strips only a password, src/net/url/url.go Error.Error quotes it with %q; the
+    error after it is Python's here). frontend/dockerui/context.go wraps it: `failed to resolve httpcontext`."""
     if not url.startswith(("http://", "https://")):
         raise ContractError(f"failed to resolve httpcontext: context {url!r} is not an http(s) URL")
     try:
         with urllib.request.urlopen(url, timeout=30) as response:
             return response.read()
+    except urllib.error.HTTPError as exc:
+        raise ContextDownloadFailed(f"invalid response status {exc.code}") from None
     except OSError as exc:
-        raise ContractError(f"failed to resolve httpcontext: {exc}") from None
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        raise ContextDownloadFailed(f'Get "{url}": {reason}') from None
 
 
 def _check_layout(archive: bytes, filename: str, contextsubdir: str) -> tuple[dict[str, bytes | None], str]:

@@ -7,7 +7,8 @@ Only hop-by-hop headers are not passed on; the proxy itself answers
 `Expect: 100-continue` and reads the body before forwarding it.
 
 `fail(...)` makes the next N requests that match a method and a path pattern
-answer an S3-style error instead, or every such request from then on; `log`
+answer an S3-style error instead, or every such request from then on (status
+`DROP`: the connection is closed with no answer, a network fault); `log`
 is what the proxy answered, injected or forwarded. A `refuse` function, when
 given, answers what the target would serve but S3 refuses (sandbox/presign.py).
 
@@ -40,6 +41,7 @@ S3_ERRORS = {
     503: ("SlowDown", "Please reduce your request rate."),
     504: ("GatewayTimeout", "Gateway Timeout"),
 }
+DROP = 0
 
 
 class Served(NamedTuple):
@@ -169,6 +171,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         body = self._read_body()
         path = urlsplit(self.path).path
         injected = self.proxy._injected_status(self.command, path)
+        if injected == DROP:
+            self.proxy._record(self.command, path, DROP)
+            self.close_connection = True
+            return
         if injected is not None:
             number = self.proxy._record(self.command, path, injected)
             self._answer_error(injected, path, f"fault-proxy-{number}")

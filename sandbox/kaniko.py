@@ -290,7 +290,8 @@ class SimulatedKaniko(SimulatedBuilder):
 
     def _build(self, handle: PodHandle, fs: ContainerFS) -> dict:
         container = _executor_container(handle)
-        flags = parse_flags(container.get("args", []))
+        _, args, _ = handle.process(container)  # `$(VAR)` expanded by the kubelet
+        flags = parse_flags(args)
         log = KanikoLog(handle, flags["log-format"])
         destinations = flags["destination"]
         pace = Pace(self.build_seconds.get(destinations[0].rpartition(":")[0] if destinations else "", 0.0))

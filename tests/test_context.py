@@ -14,6 +14,7 @@ import pytest
 from flows.cli import main
 from flows.config import ConfigError
 from sandbox.example import commit_all, create_example_repo
+from tests.test_security import context_url
 
 MCP_CONTEXT = "agents/weather/mcp-servers/weather-mcp-server"
 
@@ -143,8 +144,7 @@ def test_the_context_is_stored_with_a_checksum_behind_a_short_lived_url(prefect_
     assert head["ChecksumSHA256"]
     [job] = [j for j in sandbox.kube.list("jobs", app.config.build.namespace)
              if j["metadata"]["labels"]["buildkit-pipeline/component"] == "weather-mcp"]
-    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-    url = next(a for a in args if a.startswith("context=")).removeprefix("context=")
+    url = context_url(sandbox, job)
     query = {key: values[0] for key, values in parse_qs(urlsplit(url).query).items()}
     signed = calendar.timegm(time.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ"))
     assert query["X-Amz-Expires"] == "300"

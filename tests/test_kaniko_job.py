@@ -53,7 +53,11 @@ def test_the_executor_reads_the_archive_layout_and_reports_the_digest_through_th
     assert spec["name"] == "kaniko" and "command" not in spec
     assert spec["image"] == "ghcr.io/osscontainertools/kaniko:v1.28.3"
     args = spec["args"]
-    assert args[:3] == [f"--context={URL}", "--context-sub-path=context", "--dockerfile=/kaniko/buildcontext/Dockerfile"]
+    assert args[:3] == ["--context=$(CONTEXT_URL)", "--context-sub-path=context",
+                        "--dockerfile=/kaniko/buildcontext/Dockerfile"]
+    assert URL not in json.dumps(spec), "the presigned URL is in the registry Secret, not in the Job"
+    assert {"name": "CONTEXT_URL", "valueFrom": {"secretKeyRef": {"name": request().registry_secret,
+                                                                  "key": "context-url"}}} in spec["env"]
     assert [a for a in args if a.startswith("--destination=")] == [
         f"--destination={REPOSITORY}:cccccccccccc", f"--destination={REPOSITORY}:ctx-abababababab",
         f"--destination={REPOSITORY}:latest"]
@@ -141,6 +145,6 @@ def test_plan_json_shows_the_kaniko_job_when_that_builder_is_chosen(tmp_path, ca
         job = component["job"]
         assert job["metadata"]["name"].startswith("kn-")
         assert container(job)["image"] == "ghcr.io/osscontainertools/kaniko:v1.28.3"
-        assert "--context=<presigned-url>" in container(job)["args"]
+        assert "--context=$(CONTEXT_URL)" in container(job)["args"]
         assert "privileged" not in every_key(job)
         kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)

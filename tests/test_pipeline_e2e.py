@@ -19,6 +19,7 @@ from flows.cli import main
 from flows.upload import context_key
 from sandbox.example import commit_all
 from tests.conftest import HELM, by_name, jobs
+from tests.test_security import context_url
 
 ALL_STAGES = ("package", "queue", "upload", "registry-auth", "build", "deploy")
 
@@ -71,8 +72,8 @@ def test_first_run_builds_pushes_and_deploys_the_exact_image(prefect_server, san
     [container] = pod_spec["containers"]
     assert container["securityContext"]["privileged"] is True
     assert container["command"][:2] == ["/bin/sh", "-c"] and container["args"][0] == "build"
-    context_opt = container["args"][container["args"].index("--opt") + 1]
-    assert context_opt.startswith(f"context={sandbox.aws.url}/{config.aws.bucket}/{key}?")
+    assert container["args"][container["args"].index("--opt") + 1] == "context=$(CONTEXT_URL)"
+    assert context_url(sandbox, job).startswith(f"{sandbox.aws.url}/{config.aws.bucket}/{key}?")
     docker_config = next(e["value"] for e in container["env"] if e["name"] == "DOCKER_CONFIG")
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == docker_config)
     volume = next(v for v in pod_spec["volumes"] if v["name"] == mount["name"])

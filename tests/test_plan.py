@@ -40,7 +40,7 @@ def test_plan_json_has_the_documented_shape(plan_repo, capsys):
     job = mcp["job"]
     assert (job["apiVersion"], job["kind"]) == ("batch/v1", "Job")
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "context=<presigned-url>" in args
+    assert "context=$(CONTEXT_URL)" in args
     assert mcp["helm"][:4] == ["helm", "upgrade", "--install", "weather-mcp"]
     assert f"image.tag={plan['commit'][:12]}@sha256:<digest>" in mcp["helm"]
 

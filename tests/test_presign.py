@@ -230,7 +230,7 @@ def test_a_run_signs_with_refetched_credentials_and_the_build_pod_downloads_thro
 
     [mcp] = state.result().components
     [job] = jobs(sandbox, app, MCP)
-    url = context_url(job)
+    url = context_url(sandbox, job)
     first, second = profile.keys
     assert url_query(url)["X-Amz-Credential"].startswith(f"{second}/"), "not the 20-minute credentials"
     assert "X-Amz-Security-Token" in url_query(url)

@@ -3,7 +3,7 @@ Role in deployments/rbac.yaml.
 
 The secrets of a run: the ECR token minted for the build, the presigned URL's signature, the values of
 `release.set_secret` (Prefect Secret blocks) and of the build secrets. They may live where they are needed
-(the Job's args, the build's Kubernetes Secrets, the helm release) and nowhere else: not in the run's
+(the build's Kubernetes Secrets, which hold the presigned URL too, and the helm release) and nowhere else: not in the run's
 Prefect logs, its artifacts, its result, the texts of its errors, or any Python log record, with every
 logger at DEBUG.
 """
@@ -229,10 +229,15 @@ def run_jobs(sandbox, namespace: str, flow_run_id) -> list[dict]:
     return sandbox.kube.list("jobs", namespace, label_selector={"buildkit-pipeline/flow-run": str(flow_run_id)})
 
 
-def context_url(job: dict) -> str:
-    """The presigned URL in the Job's buildctl args, as the emulator stores it."""
+def context_url(sandbox, job: dict) -> str:
+    """The presigned URL the Job's container gets in `CONTEXT_URL`: from the Secret its env names, as the emulator
+    stored it (the Secret is deleted after the build, so from the event history)."""
     [container] = job["spec"]["template"]["spec"]["containers"]
-    return next(arg.removeprefix("context=") for arg in container["args"] if arg.startswith("context="))
+    [ref] = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if e["name"] == "CONTEXT_URL"]
+    created = [s for s in secrets_created(sandbox, job["metadata"]["namespace"], sandbox.kube.store._oldest_valid_rv)
+               if s["metadata"]["name"] == ref["name"]]
+    assert created, f"no Secret {ref['name']} was created for {job['metadata']['name']}"
+    return base64.b64decode(created[-1]["data"][ref["key"]]).decode()
 
 
 def url_query(url: str) -> dict[str, str]:
@@ -254,7 +259,7 @@ def add_run_secrets(secrets: RunSecrets, sandbox, app, state, since_resource_ver
     jobs = run_jobs(sandbox, app.config.build.namespace, state.state_details.flow_run_id)
     assert jobs, "the run left no build Job to read its context URL from"
     for job in jobs:
-        secrets.values[f"signature of {job['metadata']['name']}'s URL"] = url_query(context_url(job))["X-Amz-Signature"]
+        secrets.values[f"signature of {job['metadata']['name']}'s URL"] = url_query(context_url(sandbox, job))["X-Amz-Signature"]
 
 
 def flow_secrets_left(sandbox, namespace: str) -> list[str]:
@@ -331,7 +336,7 @@ def test_the_context_url_lives_exactly_presign_ttl_seconds(prefect_server, sandb
     [mcp] = state.result().components
 
     [job] = run_jobs(sandbox, app.config.build.namespace, state.state_details.flow_run_id)
-    url = context_url(job)
+    url = context_url(sandbox, job)
     query = url_query(url)
     assert query["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
     signed = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=timezone.utc)

@@ -14,13 +14,21 @@ Texts, with their sources (kubernetes/kubernetes unless named):
   image "<ref>": failed to resolve reference "<ref>": <ref>: not found`, `<ref>` being the normalised name.
 - pkg/kubelet/kubelet_pods.go makeEnvironmentVariables: the secret manager's `secret "s" not found`, and
   `couldn't find key k in Secret ns/s`; the container waits with CreateContainerConfigError.
+- The container's environment and argv (kubernetes/kubernetes v1.35: pkg/kubelet/kubelet_pods.go
+  makeEnvironmentVariables, pkg/kubelet/container/helpers.go ExpandContainerCommandAndArgs,
+  third_party/forked/golang/expansion/expand.go): `env` in declaration order, a `value` expanded against the
+  variables declared before it, a `secretKeyRef` taken as the Secret's bytes and never expanded; then every
+  `command` and `args` item expanded once against that environment. `$(VAR)` of a defined variable is its value,
+  of an undefined one stays as written, `$$` is `$`, any other `$` is kept; a value put in is not expanded again.
 """
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 
 GetSecret = Callable[[str], dict | None]
+OPERATOR, OPENER, CLOSER = "$", "(", ")"
 UNITS = {"": 1, "m": 0.001, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
          "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
 
@@ -133,3 +141,62 @@ def env_secret_error(pod: dict, container: dict, get_secret: GetSecret) -> str |
         if ref.get("key") not in (secret.get("data") or {}):
             return f"couldn't find key {ref.get('key')} in Secret {namespace}/{ref.get('name')}"
     return None
+
+
+def expand(text: str, lookup: Callable[[str], str | None]) -> str:
+    """third_party/forked/golang/expansion/expand.go `Expand` with `MappingFuncFor`: `lookup` answers None for an
+    undefined name, which then stays `$(NAME)`."""
+    out, checkpoint, cursor = [], 0, 0
+    while cursor < len(text):
+        if text[cursor] == OPERATOR and cursor + 1 < len(text):
+            out.append(text[checkpoint:cursor])
+            rest = text[cursor + 1:]
+            if rest[0] == OPERATOR:  # escaped operator
+                read, advance = OPERATOR, 1
+            elif rest[0] == OPENER and (end := rest.find(CLOSER, 1)) != -1:
+                name = rest[1:end]
+                value = lookup(name)
+                read, advance = (f"{OPERATOR}{OPENER}{name}{CLOSER}" if value is None else value), end + 1
+            elif rest[0] == OPENER:  # incomplete reference: keep `$(` and go on after it
+                read, advance = OPERATOR + OPENER, 1
+            else:  # an operator that begins no expression keeps the character after it
+                read, advance = OPERATOR + rest[0], 1
+            out.append(read)
+            cursor += advance
+            checkpoint = cursor + 1
+        cursor += 1
+    return "".join(out) + text[checkpoint:]
+
+
+class EnvError(LookupError):
+    """A `secretKeyRef` the kubelet cannot resolve; the container would wait with CreateContainerConfigError."""
+
+
+def container_env(pod: dict, container: dict, get_secret: GetSecret) -> dict[str, str]:
+    """The container's environment as makeEnvironmentVariables builds it (no envFrom, no service links, no
+    fieldRef or resourceFieldRef: the sandbox's pods use none, and one would raise EnvError)."""
+    env: dict[str, str] = {}
+    for var in container.get("env") or []:
+        value = var.get("value") or ""
+        source = var.get("valueFrom")
+        if value:
+            value = expand(value, env.get)
+        elif source:
+            ref = source.get("secretKeyRef")
+            if ref is None:
+                raise EnvError(f"the sandbox kubelet resolves only secretKeyRef, not {sorted(source)}")
+            secret = get_secret(ref.get("name", ""))
+            data = (secret or {}).get("data") or {}
+            if ref.get("key") not in data:
+                if ref.get("optional"):
+                    continue
+                raise EnvError(env_secret_error(pod, {"env": [var]}, get_secret) or "secret not found")
+            value = base64.b64decode(data[ref["key"]]).decode()
+        env[var["name"]] = value
+    return env
+
+
+def expand_command_and_args(container: dict, env: dict[str, str]) -> tuple[list[str], list[str]]:
+    """pkg/kubelet/container/helpers.go ExpandContainerCommandAndArgs."""
+    return ([expand(item, env.get) for item in container.get("command") or []],
+            [expand(item, env.get) for item in container.get("args") or []])

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from . import defaults, errors
+from . import defaults, errors, kubelet
 
 if TYPE_CHECKING:
     from .emulator import KubeEmulator
@@ -67,6 +67,14 @@ class PodHandle:
 
     def current(self) -> dict | None:
         return self.emulator.get("pods", self.namespace, self.name)
+
+    def process(self, container: dict) -> tuple[list[str], list[str], dict[str, str]]:
+        """What the kubelet starts `container` with: its command and args expanded against its environment
+        (sandbox/kube/kubelet.py container_env, expand_command_and_args), and that environment."""
+        env = kubelet.container_env(self.pod, container,
+                                    lambda name: self.emulator.get("secrets", self.namespace, name))
+        command, args = kubelet.expand_command_and_args(container, env)
+        return command, args, env
 
     def _container_status(self, name: str, image: str, state: dict, ready: bool, started: bool) -> dict:
         return {"name": name, "image": image, "imageID": f"{image}@sha256:{'0' * 64}" if started else "",

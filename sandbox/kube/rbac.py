@@ -6,8 +6,8 @@ tests and `make demo` use has no credentials) and may do anything, as a member o
 ServiceAccount the token was minted for (TokenRequest, `mint_token`); any other
 credential answers 401. A ServiceAccount is authorized by the Roles, ClusterRoles,
 RoleBindings and ClusterRoleBindings in the store plus the bootstrap ClusterRoles
-seeded at start (`system:discovery`, `system:basic-user`, `system:public-info-viewer`),
-and a refusal is the real 403 Status.
+seeded at start (`system:discovery`, `system:basic-user`, `system:public-info-viewer`, and
+`view` with the rules it aggregates), and a refusal is the real 403 Status.
 
 Sources (kubernetes/kubernetes, v1.35):
 - staging/src/k8s.io/apiserver/pkg/endpoints/request/requestinfo.go: verb, resource,
@@ -15,7 +15,11 @@ Sources (kubernetes/kubernetes, v1.35):
 - plugin/pkg/auth/authorizer/rbac/rbac.go `RuleAllows`, pkg/apis/rbac/v1/evaluation_helpers.go:
   how one rule matches (`rule_allows`)
 - pkg/registry/rbac/validation/rule.go `VisitRulesFor`, `appliesToUser`: which bindings apply
-- plugin/pkg/auth/authorizer/rbac/bootstrappolicy/policy.go: the discovery roles
+- plugin/pkg/auth/authorizer/rbac/bootstrappolicy/policy.go: the discovery roles; `view`, whose
+  aggregationRule selects `rbac.authorization.k8s.io/aggregate-to-view: "true"`, i.e.
+  `system:aggregate-to-view` (read Pods, Jobs, ... and no Secrets; rules as at 53f1b9d, unchanged since in
+  what a build touches); the aggregation controller's result is seeded, as the emulator runs no such
+  controller
 - staging/src/k8s.io/apiserver/pkg/endpoints/handlers/responsewriters/errors.go `forbiddenMessage`
   and staging/src/k8s.io/apimachinery/pkg/api/errors/errors.go `NewForbidden`: the 403 text
 - staging/src/k8s.io/apiserver/pkg/endpoints/filters/authentication.go `Unauthorized`: the 401
@@ -614,6 +618,43 @@ def _cluster_binding(name: str, groups: list[str]) -> dict:
             "subjects": [{"apiGroup": RBAC_GROUP, "kind": "Group", "name": g} for g in groups]}
 
 
+READ = ["get", "list", "watch"]
+AGGREGATE_TO_VIEW = [
+    {"apiGroups": [""], "verbs": READ, "resources": [
+        "pods", "replicationcontrollers", "replicationcontrollers/scale", "serviceaccounts", "services",
+        "services/status", "endpoints", "persistentvolumeclaims", "persistentvolumeclaims/status", "configmaps"]},
+    {"apiGroups": [""], "verbs": READ, "resources": [
+        "limitranges", "resourcequotas", "bindings", "events", "pods/status", "resourcequotas/status",
+        "namespaces/status", "replicationcontrollers/status", "pods/log"]},
+    {"apiGroups": [""], "verbs": READ, "resources": ["namespaces"]},
+    {"apiGroups": ["apps"], "verbs": READ, "resources": [
+        "controllerrevisions", "statefulsets", "statefulsets/status", "statefulsets/scale", "daemonsets",
+        "daemonsets/status", "deployments", "deployments/status", "deployments/scale", "replicasets",
+        "replicasets/status", "replicasets/scale"]},
+    {"apiGroups": ["autoscaling"], "verbs": READ,
+     "resources": ["horizontalpodautoscalers", "horizontalpodautoscalers/status"]},
+    {"apiGroups": ["batch"], "verbs": READ, "resources": ["jobs", "cronjobs", "cronjobs/status", "jobs/status"]},
+    {"apiGroups": ["extensions"], "verbs": READ, "resources": [
+        "daemonsets", "daemonsets/status", "deployments", "deployments/scale", "deployments/status", "ingresses",
+        "ingresses/status", "replicasets", "replicasets/scale", "replicasets/status",
+        "replicationcontrollers/scale", "networkpolicies"]},
+    {"apiGroups": ["policy"], "verbs": READ, "resources": ["poddisruptionbudgets", "poddisruptionbudgets/status"]},
+    {"apiGroups": ["networking.k8s.io"], "verbs": READ,
+     "resources": ["networkpolicies", "ingresses", "ingresses/status"]},
+]
+
+
+def _view_roles() -> list[dict]:
+    """`system:aggregate-to-view` and `view` as the ClusterRole aggregation controller leaves it."""
+    aggregated = _cluster_role("system:aggregate-to-view", AGGREGATE_TO_VIEW)
+    aggregated["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] = "true"
+    view = _cluster_role("view", AGGREGATE_TO_VIEW)
+    view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] = "true"
+    view["aggregationRule"] = {"clusterRoleSelectors": [
+        {"matchLabels": {"rbac.authorization.k8s.io/aggregate-to-view": "true"}}]}
+    return [aggregated, view]
+
+
 def bootstrap_policy() -> tuple[list[dict], list[dict]]:
     """The bootstrap ClusterRoles and ClusterRoleBindings this emulator serves (bootstrappolicy/policy.go)."""
     health = ["/livez", "/readyz", "/healthz", "/version", "/version/"]
@@ -626,6 +667,7 @@ def bootstrap_policy() -> tuple[list[dict], list[dict]]:
                                              "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"],
                                              "verbs": ["create"]}]),
         _cluster_role("system:public-info-viewer", [{"nonResourceURLs": health, "verbs": ["get"]}]),
+        *_view_roles(),
     ]
     bindings = [
         _cluster_binding("cluster-admin", [MASTERS]),
