@@ -29,7 +29,7 @@ from typing import BinaryIO, Literal
 
 from pydantic import BaseModel
 
-from flows.dockerignore import DOCKERIGNORE, IgnoreFileError, load_ignore_file, walk
+from flows.dockerignore import DOCKERIGNORE, IgnoreFileError, choose_ignore_file, load_ignore_file, walk
 
 ARCHIVE_DOCKERFILE = "Dockerfile"
 ARCHIVE_CONTEXT_DIR = "context"
@@ -56,6 +56,7 @@ class PackagedContext(BaseModel, frozen=True):
     files: int
     dockerfile: str = ARCHIVE_DOCKERFILE
     contextsubdir: str = ARCHIVE_CONTEXT_DIR
+    ignore_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def package_context(
         sha256=measured.sha256,
         bytes=measured.bytes,
         files=sum(entry.kind != "dir" for entry in entries),
+        ignore_file=os.fspath(choose_ignore_file(context_dir, dockerfile) or ""),
     )
 
 

@@ -156,6 +156,16 @@ def package_component(config: PipelineConfig, component: ComponentSpec, source: 
     )
 
 
+def _relative_to(path: str, root: Path) -> str:
+    """`path` relative to the checkout when inside it ("" when no ignore file applied)."""
+    if not path:
+        return ""
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path
+
+
 def make_plan(
     config_path: Path, ref: str | None = None, components: list[str] | None = None, *, list_files: bool = False
 ) -> dict:
@@ -173,6 +183,7 @@ def make_plan(
                 "files": archive.files,
                 "dockerfile": archive.dockerfile,
                 "contextsubdir": archive.contextsubdir,
+                "ignore_file": _relative_to(archive.ignore_file, source.path),
                 **({"paths": archive_paths(archive.path)} if list_files else {}),
             },
             "image": {"repository": plan.image.repository, "tags": plan.image.tags},
