@@ -184,6 +184,7 @@ SINGLE = [
     ("PM compile: ^ not escaped, an RE2 anchor", "a^b*", "a^bc", False),
     ("PM compile: ^ literal in an exact pattern", "a^b", "a^b", True),
     ("PM compile: $ escaped", "a$*", "a$b", True),
+    ("PM compile: * inside [ ] is written as [^/]*, so [*] is no class of *", "[*]", "*", False),
 ]
 
 
