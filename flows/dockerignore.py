@@ -202,7 +202,7 @@ _MAX_RUNE = 0x10FFFF
 
 
 class _Unsupported(Exception):
-    """An RE2 feature this port does not carry over (\\p{..}, \\x.., octal, \\Q..\\E); refused, never guessed."""
+    """An RE2 feature this port does not carry over (Unicode classes \\p{..}, \\P{..}); refused, never guessed."""
 
 
 def _ranges(spec: str) -> list[tuple[int, int]]:
@@ -236,17 +236,43 @@ def _class_regex(ranges: list[tuple[int, int]]) -> str:
 
 
 def _re2_escape(text: str, i: int) -> tuple[str, int]:
-    """One escaped character at text[i] (after the backslash): (character, next index). RE2 parseEscape."""
+    """One escaped character at text[i] (after the backslash): (character, next index).
+
+    golang/go src/regexp/syntax/parse.go parseEscape: ASCII punctuation is itself,
+    \\a \\f \\n \\r \\t \\v, octal (\\0, \\1-\\7 only before another octal digit), \\xHH and
+    \\x{H...}; anything else is "invalid escape sequence".
+    """
     if i >= len(text):
-        raise _BadPattern  # trailing backslash: missing argument
+        raise _BadPattern  # trailing backslash
     char = text[i]
     if ord(char) < 0x80 and not char.isalnum():
         return char, i + 1
     if char in _SIMPLE_ESCAPES:
         return _SIMPLE_ESCAPES[char], i + 1
-    if char in "01234567x":
-        raise _Unsupported(f"\\{char}")
-    raise _BadPattern  # regexp: invalid escape sequence
+    octal = "01234567"
+    if char in octal and (char == "0" or (i + 1 < len(text) and text[i + 1] in octal)):
+        value, i = int(char), i + 1
+        for _ in range(2):
+            if i < len(text) and text[i] in octal:
+                value, i = value * 8 + int(text[i]), i + 1
+        return chr(value), i
+    if char == "x" and i + 1 < len(text):
+        return _re2_hex_escape(text, i + 1)
+    raise _BadPattern
+
+
+def _re2_hex_escape(text: str, i: int) -> tuple[str, int]:
+    hex_digits = "0123456789abcdefABCDEF"
+    if text[i] == "{":
+        end = text.find("}", i + 1)
+        digits = text[i + 1:end] if end >= 0 else ""
+        if not digits or any(d not in hex_digits for d in digits) or int(digits, 16) > _MAX_RUNE:
+            raise _BadPattern
+        return chr(int(digits, 16)), end + 1
+    pair = text[i:i + 2]
+    if len(pair) < 2 or any(d not in hex_digits for d in pair):
+        raise _BadPattern
+    return chr(int(pair, 16)), i + 2
 
 
 def _re2_class(text: str, i: int) -> tuple[str, int]:
@@ -325,7 +351,14 @@ def _re2_to_python(regex: str) -> re.Pattern[str]:
             elif letter == "z":
                 out.append(r"\Z")
                 i += 2
-            elif letter in ("p", "P", "Q", "C"):
+            elif letter == "Q":
+                end = regex.find("\\E", i + 2)
+                literal = regex[i + 2:] if end < 0 else regex[i + 2:end]
+                out.append(re.escape(literal))
+                i = len(regex) if end < 0 else end + 2
+            elif letter == "C":
+                raise _BadPattern  # RE2: \C (any byte) is not supported
+            elif letter in ("p", "P"):
                 raise _Unsupported(f"\\{letter}")
             else:
                 literal, i = _re2_escape(regex, i + 1)

@@ -185,6 +185,9 @@ SINGLE = [
     ("PM compile: ^ literal in an exact pattern", "a^b", "a^b", True),
     ("PM compile: $ escaped", "a$*", "a$b", True),
     ("PM compile: * inside [ ] is written as [^/]*, so [*] is no class of *", "[*]", "*", False),
+    ("PM compile: \\d reaches RE2, a digit class", "a\\d*", "a7b", True),
+    ("PM compile: \\d reaches RE2, a digit class", "a\\d*", "axb", False),
+    ("PM compile: \\101 reaches RE2, octal for A", "a\\101*", "aAx", True),
 ]
 
 
@@ -300,6 +303,9 @@ def test_ignore_file_bytes(tmp_path, source, content, kept, dropped):
     ("PM matchTests", ["a["], 1, "syntax error in pattern"),
     ("PM compile: RE2 refuses the range", ["ok", "[z-a]"], 2, "syntax error in pattern"),
     ("PM compile: RE2 refuses the escape", ["a\\q"], 1, "syntax error in pattern"),
+    ("PM compile: RE2 refuses \\C", ["a\\C*"], 1, "syntax error in pattern"),
+    ("PM compile: RE2 refuses a lone \\1 (backreference)", ["a\\1*"], 1, "syntax error in pattern"),
+    ("PM compile: Unicode classes are not ported, so refused", ["a\\p{Greek}*"], 1, "not supported by the packager"),
 ])
 def test_a_bad_pattern_is_named_before_anything_is_written(tmp_path, source, lines, line, reason):
     with pytest.raises(PackagingError) as raised:
