@@ -41,6 +41,10 @@ _GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006
 class IgnoreFileError(ValueError):
     """The ignore file cannot be used as BuildKit would refuse it; the message names file, line and pattern."""
 
+    def __init__(self, path: Path, detail: str):
+        super().__init__(f"{path}: {detail}")
+        self.path, self.detail = path, detail
+
 
 # --------------------------------------------------------------------------- Go helpers
 
@@ -522,6 +526,10 @@ class IgnoreFile:
     lines: list[int]
 
 
+class _LineTooLong(Exception):
+    pass
+
+
 def read_patterns(data: bytes) -> tuple[list[str], list[int]]:
     """moby/patternmatcher ignorefile.ReadAll (v0.6.1), with each pattern's 1-based line number.
 
@@ -536,7 +544,7 @@ def read_patterns(data: bytes) -> tuple[list[str], list[int]]:
     patterns, lines = [], []
     for number, line in enumerate(chunks, start=1):
         if len(line) >= _MAX_LINE_BYTES:
-            raise IgnoreFileError(f"line {number}: bufio.Scanner: token too long (BuildKit reads lines up to 64 KiB)")
+            raise _LineTooLong(f"line {number}: bufio.Scanner: token too long (BuildKit reads lines up to 64 KiB)")
         if line.endswith(b"\r"):
             line = line[:-1]
         if number == 1 and line.startswith(_UTF8_BOM):
@@ -582,20 +590,18 @@ def load_ignore_file(context_dir: Path, dockerfile: Path | None = None) -> tuple
     try:
         data = path.read_bytes()
     except OSError as error:
-        raise IgnoreFileError(f"cannot read {path}: {error}") from error
+        raise IgnoreFileError(path, f"cannot read it: {error.strerror}") from error
     try:
         patterns, lines = read_patterns(data)
-    except IgnoreFileError as error:
-        raise IgnoreFileError(f"{path}: {error}") from None
+    except _LineTooLong as error:
+        raise IgnoreFileError(path, str(error)) from None
     ignore = IgnoreFile(path, patterns, lines)
     if not patterns:
         return ignore, None
     try:
         return ignore, PatternMatcher(patterns)
     except _PatternError as error:
-        raise IgnoreFileError(
-            f"{path}: line {lines[error.index]}: pattern {error.raw!r}: {error.reason}"
-        ) from None
+        raise IgnoreFileError(path, f"line {lines[error.index]}: pattern {error.raw!r}: {error.reason}") from None
 
 
 # --------------------------------------------------------------------------- walk
