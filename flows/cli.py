@@ -37,6 +37,10 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"  image {component['image']['repository']}:{', '.join(component['image']['tags'])}")
         print(f"  job   {component['job']['metadata']['namespace']}/{component['job']['metadata']['name']}")
         print(f"  helm  {' '.join(component['helm']) if component['helm'] else '(no release)'}")
+        if args.list_files:
+            print(f"  ignore file {archive['ignore_file'] or '(none)'}; archive members:")
+            for path in archive["paths"]:
+                print(f"    {path}")
     return 0
 
 
@@ -109,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--components", help="comma-separated component names (default: all)")
     plan, run = commands.choices["plan"], commands.choices["run"]
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
-    plan.add_argument("--list-files", action="store_true", help="with --json: list every path in each archive")
+    plan.add_argument("--list-files", action="store_true", help="list every path in each archive (and the ignore file applied)")
     for command in (run, commands.choices["compare"]):
         command.add_argument("--sandbox", action="store_true",
                              help="run against the local sandbox (moto + emulated cluster)")

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from docker.utils.build import PatternMatcher
 from pydantic import BaseModel
+
+from flows.dockerignore import DOCKERIGNORE, IgnoreFileError, choose_ignore_file, load_ignore_file, walk
 
 ARCHIVE_DOCKERFILE = "Dockerfile"
 ARCHIVE_CONTEXT_DIR = "context"
-DOCKERIGNORE = ".dockerignore"
 
 GZIP_LEVEL = 6
 GZIP_CHUNK_BYTES = 1 << 20
@@ -56,6 +56,7 @@ class PackagedContext(BaseModel, frozen=True):
     files: int
     dockerfile: str = ARCHIVE_DOCKERFILE
     contextsubdir: str = ARCHIVE_CONTEXT_DIR
+    ignore_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def package_context(
     if not context_dir.is_dir():
         raise PackagingError(f"build context directory not found: {context_dir}")
     dockerfile_bytes = _read_dockerfile(dockerfile)
-    entries = context_entries(context_dir, skip=_subtree_inside(out_dir, context_dir))
+    entries = context_entries(context_dir, dockerfile=dockerfile, skip=_subtree_inside(out_dir, context_dir))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     temp_path = _new_temp_file(out_dir)
@@ -102,6 +103,7 @@ def package_context(
         sha256=measured.sha256,
         bytes=measured.bytes,
         files=sum(entry.kind != "dir" for entry in entries),
+        ignore_file=os.fspath(choose_ignore_file(context_dir, dockerfile) or ""),
     )
 
 
@@ -111,29 +113,17 @@ def archive_paths(archive: Path) -> list[str]:
         return sorted(tar.getnames())
 
 
-def read_dockerignore(context_dir: Path) -> list[str]:
-    """Patterns of `<context_dir>/.dockerignore`, parsed the way docker-py's build does.
+def context_entries(
+    context_dir: Path, *, dockerfile: Path | None = None, skip: str | None = None
+) -> list[ContextEntry]:
+    """The context after the ignore file, sorted, directories before their contents.
 
-    `utf-8-sig` drops a leading BOM, as Docker's reader does.
+    The ignore file is chosen, parsed, matched and walked as BuildKit does for a
+    local context (see flows/dockerignore.py). `skip` is a relative path left out
+    entirely (the output folder when it lives inside the context, so earlier
+    archives don't leak into the next one).
     """
-    ignore_file = Path(context_dir) / DOCKERIGNORE
-    if not ignore_file.is_file():
-        return []
-    try:
-        text = ignore_file.read_text("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise PackagingError(f"cannot read {ignore_file}: {error}") from error
-    lines = (line.strip() for line in text.splitlines())
-    return [line for line in lines if line and not line.startswith("#")]
-
-
-def context_entries(context_dir: Path, *, skip: str | None = None) -> list[ContextEntry]:
-    """The context after .dockerignore, sorted, directories before their contents.
-
-    `skip` is a relative path left out entirely (the output folder when it lives
-    inside the context, so earlier archives don't leak into the next one).
-    """
-    included = _included_paths(context_dir, read_dockerignore(context_dir))
+    included = _included_paths(context_dir, dockerfile)
     if skip is not None:
         included = _without_subtree(included, skip)
     return [_entry_for(context_dir, relpath) for relpath in sorted(included)]
@@ -151,34 +141,21 @@ def _without_subtree(paths: set[str], subtree: str) -> set[str]:
     return {p for p in kept if p not in holders or p in still_needed}
 
 
-class _DockerIgnoreMatcher(PatternMatcher):
-    """docker-py's matcher without the `!.dockerignore` it always appends.
+def _included_paths(context_dir: Path, dockerfile: Path | None) -> set[str]:
+    """Relative paths BuildKit's filtered walk sends (kept paths and the directories holding them).
 
-    docker-py keeps .dockerignore because the daemon reads it from the context.
-    BuildKit never sees ours, so, as with `docker build` and COPY, the file
-    follows its own patterns like any other.
-    """
-
-    def __init__(self, patterns: list[str]):
-        super().__init__(patterns)
-        last = self.patterns[-1]
-        if last.exclusion and last.cleaned_pattern == DOCKERIGNORE:
-            self.patterns.pop()
-
-
-def _included_paths(context_dir: Path, patterns: list[str]) -> set[str]:
-    """Relative paths kept by the patterns, plus the parents of re-included paths.
-
-    docker-py's walk skips excluded directories unless a `!` pattern may
-    re-include something below them, and yields such re-included paths
-    without their (excluded) parent directories; tar needs those parents.
+    Unlike docker-py's build, nothing keeps `.dockerignore` itself: BuildKit never
+    sees ours, so, as with `docker buildx build` and COPY, the file follows its own
+    patterns like any other.
     """
     try:
-        kept = set(_DockerIgnoreMatcher(patterns).walk(os.fspath(context_dir)))
+        _, matcher = load_ignore_file(context_dir, dockerfile)
+    except IgnoreFileError as error:
+        raise PackagingError(str(error)) from None
+    try:
+        return {path for path, _ in walk(context_dir, matcher)}
     except OSError as error:
         raise PackagingError(f"cannot read build context: {error}") from error
-    parents = {str(parent) for path in kept for parent in Path(path).parents}
-    return kept | (parents - {"."})
 
 
 def _entry_for(context_dir: Path, relpath: str) -> ContextEntry:

@@ -19,7 +19,8 @@ from flows.build import (
     job_name,
 )
 from flows.builders import job_manifest
-from flows.config import Builder, ComponentSpec, PipelineConfig, check_paths, load_config
+from flows.config import Builder, ComponentSpec, ConfigError, PipelineConfig, check_paths, load_config
+from flows.dockerignore import IgnoreFileError, load_ignore_file
 from flows.deploy import DIGEST_PLACEHOLDER, helm_upgrade_argv
 from flows.package import PackagedContext, archive_paths, package_context
 from flows.source import SourceCheckout, cache_root, checkout, public_url, resolve_repo
@@ -146,7 +147,26 @@ def prepare_source(config_path: Path, ref: str | None = None) -> tuple[PipelineC
     repo = resolve_repo(config.source.repo, Path(config_path).resolve().parent)
     source = checkout(repo, ref or config.source.ref)
     check_paths(config, source.path)
+    check_ignore_files(config, source.path)
     return config, source
+
+
+def check_ignore_files(config: PipelineConfig, repo_root: Path) -> None:
+    """Every component's ignore file reads and compiles as BuildKit would take it, before any run starts.
+
+    BuildKit fails a build whose ignore file it cannot use; here that is bad input,
+    reported with the component's key and the file relative to the repository.
+    """
+    problems = []
+    for i, component in enumerate(config.components):
+        context = repo_root / component.context
+        try:
+            load_ignore_file(context, context / component.dockerfile)
+        except IgnoreFileError as error:
+            shown = _relative_to(str(error.path), repo_root)
+            problems.append(f"components[{i}].context: {shown}: {error.detail}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def package_component(config: PipelineConfig, component: ComponentSpec, source: SourceCheckout) -> PackagedContext:
@@ -154,6 +174,16 @@ def package_component(config: PipelineConfig, component: ComponentSpec, source: 
     return package_context(
         context, context / component.dockerfile, archive_dir(), max_bytes=config.build.max_context_bytes
     )
+
+
+def _relative_to(path: str, root: Path) -> str:
+    """`path` relative to the checkout when inside it ("" when no ignore file applied)."""
+    if not path:
+        return ""
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return path
 
 
 def make_plan(
@@ -173,6 +203,7 @@ def make_plan(
                 "files": archive.files,
                 "dockerfile": archive.dockerfile,
                 "contextsubdir": archive.contextsubdir,
+                "ignore_file": _relative_to(archive.ignore_file, source.path),
                 **({"paths": archive_paths(archive.path)} if list_files else {}),
             },
             "image": {"repository": plan.image.repository, "tags": plan.image.tags},

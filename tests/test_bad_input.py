@@ -44,6 +44,10 @@ def write_binary_file(root: Path) -> None:
     (root / "binary.yaml").write_bytes(b"\xff\xfe\x00 not text")
 
 
+def write_lone_exclamation_in_the_mcp_ignore_file(root: Path) -> None:
+    (root / MCP_CONTEXT.strip("'") / ".dockerignore").write_text("tests/\n!\n")
+
+
 def unchanged(root: Path) -> None:
     pass
 
@@ -100,6 +104,10 @@ CASES = [
          change=replace("dockerfile: Dockerfile", f"dockerfile: {OUTSIDE}")),
     case("missing-context-dir", "components[1].context: no such directory 'agents/weather/agnet'",
          change=replace("context: agents/weather/agent", "context: agents/weather/agnet")),
+    case("dockerignore-lone-exclamation",
+         f"components[0].context: {MCP_CONTEXT.strip(chr(39))}/.dockerignore: line 2: pattern '!': "
+         'illegal exclusion pattern: "!"',
+         change=write_lone_exclamation_in_the_mcp_ignore_file),
     case("missing-dockerfile", f"components[0].dockerfile: no such file 'Dockerfile.prod' in {MCP_CONTEXT}",
          change=replace("dockerfile: Dockerfile", "dockerfile: Dockerfile.prod")),
     case("duplicate-component-names", "components[1].name: 'weather-mcp' is already the name of components[0]",

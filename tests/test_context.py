@@ -149,3 +149,21 @@ def test_the_context_is_stored_with_a_checksum_behind_a_short_lived_url(prefect_
     signed = calendar.timegm(time.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ"))
     assert query["X-Amz-Expires"] == "300"
     assert int(started) <= signed <= time.time()
+
+
+def test_plan_list_files_names_the_ignore_file_and_every_member(tmp_path, capsys):
+    """`plan --list-files` shows what the archive holds; `Dockerfile.dockerignore` replaces `.dockerignore`."""
+    pipeline_file = create_example_repo(tmp_path / "app")
+    context = pipeline_file.parent / MCP_CONTEXT
+    (context / "Dockerfile.dockerignore").write_text("requirements.txt\n")  # .dockerignore drops tests/
+
+    document = plan(pipeline_file, capsys, "--list-files")
+    assert main(["plan", "--config", str(pipeline_file), "--components", "weather-mcp", "--list-files"]) == 0
+    text = capsys.readouterr().out
+
+    archive = mcp(document)["archive"]
+    assert archive["ignore_file"] == f"{MCP_CONTEXT}/Dockerfile.dockerignore"
+    assert "context/requirements.txt" not in archive["paths"]
+    assert "context/tests/test_server.py" in archive["paths"]
+    assert f"ignore file {MCP_CONTEXT}/Dockerfile.dockerignore; archive members:" in text
+    assert "    context/tests/test_server.py" in text and "    context/server.py" in text

@@ -11,7 +11,6 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from docker.utils.build import exclude_paths
 
 from flows.package import (
     ARCHIVE_CONTEXT_DIR,
@@ -50,10 +49,6 @@ def read_member(archive: Path, name: str) -> bytes:
 def context_paths(archive: Path) -> set[str]:
     prefix = ARCHIVE_CONTEXT_DIR + "/"
     return {name[len(prefix):] for name in members(archive) if name.startswith(prefix)}
-
-
-def with_parents(paths: set[str]) -> set[str]:
-    return paths | {str(parent) for path in paths for parent in Path(path).parents} - {"."}
 
 
 @pytest.fixture
@@ -133,7 +128,7 @@ def test_output_folder_inside_the_context_is_not_packaged(tmp_path):
     assert context_paths(second.path) == {"Dockerfile", "app", "app/main.py"}
 
 
-# --- .dockerignore: docker-py's exclude_paths is the reference ---------------------------
+# --- .dockerignore (the full table ported from upstream is tests/test_dockerignore.py) ----
 
 IGNORE_TREE = [
     "Dockerfile.dev",
@@ -207,7 +202,7 @@ IGNORE_CASES = {
 
 
 @pytest.mark.parametrize("case", IGNORE_CASES, ids=list(IGNORE_CASES))
-def test_dockerignore_matches_docker_py_reference(tmp_path, out_dir, case):
+def test_dockerignore_cases(tmp_path, out_dir, case):
     patterns, must_keep, must_drop = IGNORE_CASES[case]
     ctx = tmp_path / "ctx"
     for relpath in IGNORE_TREE:
@@ -217,8 +212,6 @@ def test_dockerignore_matches_docker_py_reference(tmp_path, out_dir, case):
 
     packaged = context_paths(package_context(ctx, dockerfile, out_dir).path)
 
-    reference = exclude_paths(str(ctx), list(patterns)) - {".dockerignore"}
-    assert packaged - {".dockerignore"} == with_parents(reference)
     assert must_keep <= packaged
     assert not must_drop & packaged
 
