@@ -34,8 +34,10 @@ PUSH_AND_PULL_ACTIONS = (
     "ecr:BatchCheckLayerAvailability", "ecr:InitiateLayerUpload", "ecr:UploadLayerPart", "ecr:CompleteLayerUpload",
     "ecr:PutImage", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer",
 )
-# AssumeRole's DurationSeconds ranges from 900 s to the role's MaxSessionDuration (1 h unless raised)
-MIN_SESSION_SECONDS = 900
+# AssumeRole's DurationSeconds ranges from 900 s to the role's MaxSessionDuration, 1 h unless raised (IAM API
+# Reference, AssumeRole): a session asks for that hour, so a token minted while a build queues still lasts past its
+# deadline when the slot comes, or for longer when the build's deadline needs it
+BUILD_SESSION_SECONDS = 3600
 SESSION_NAME = re.compile(r"[^\w+=,.@-]", re.ASCII)
 
 
@@ -104,7 +106,7 @@ def mint_build_token(credentials: AwsCredentials, registry: str, *, role_arn: st
     with carrying_secrets():
         issued = sts.assume_role(RoleArn=role_arn, RoleSessionName=session,
                                  Policy=json.dumps(build_session_policy(registry, repositories)),
-                                 DurationSeconds=max(MIN_SESSION_SECONDS, lasting_seconds))["Credentials"]
+                                 DurationSeconds=max(BUILD_SESSION_SECONDS, lasting_seconds))["Credentials"]
         ecr = client_with(credentials, "ecr", issued["AccessKeyId"], issued["SecretAccessKey"],
                           issued["SessionToken"])
         match = ECR_HOST.match(registry)
