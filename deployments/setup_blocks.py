@@ -2,7 +2,8 @@
 
     AWS_REGION=us-west-2 [AWS_ACCESS_KEY_ID=AKIA... AWS_SECRET_ACCESS_KEY=...] [BUILDKIT_PIPELINE_ROLE_ARN=arn:...] \
     KUBECONFIG=~/.kube/eks-config [KUBE_CONTEXT=...] [BUILDKIT_PIPELINE_BUCKET=my-build-bucket] \
-    [BUILDKIT_PIPELINE_BUILD_ROLE_ARN=arn:...] python -m deployments.setup_blocks --name production [--in-cluster] [--worker-profile NAME]
+    [BUILDKIT_PIPELINE_BUILD_ROLE_ARN=arn:...] \
+    python -m deployments.setup_blocks --name production [--in-cluster] [--worker-profile NAME]
 
 Saves `<name>-aws` (AwsCredentials), `<name>-cluster` (KubernetesCredentials, one context of the
 kubeconfig file, minified and flattened; omitted with --in-cluster), `<name>-contexts` (S3Bucket,

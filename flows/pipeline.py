@@ -36,7 +36,7 @@ from flows.aws import aws_client, credentials_lasting
 from flows.build import BuiltImage
 from flows.build_run import delete_run_objects
 from flows.builders import log_reader
-from flows.config import Builder, ComponentSpec, ConfigError, PipelineConfig, load_config
+from flows.config import ECR_HOST, Builder, ComponentSpec, ConfigError, PipelineConfig, load_config
 from flows.deploy import DeployedRelease
 from flows.deployed import pipeline_file
 from flows.diagnose import explain_failure
@@ -133,6 +133,13 @@ def connected_locally(aws_credentials: AwsCredentials | None = None, kubeconfig:
         yield
     finally:
         LOCAL_CONNECTION.reset(token)
+
+
+def check_scopable(config: PipelineConfig, build_role_arn: str | None) -> None:
+    """Scoped tokens need repository ARNs, which only an ECR registry has."""
+    if build_role_arn and not ECR_HOST.match(config.registry):
+        raise ConfigError([f"registry: {config.registry!r} is not an ECR registry "
+                           "(<account>.dkr.ecr.<region>.amazonaws.com), so build_role_arn cannot scope its tokens"])
 
 
 def deployment_id():
@@ -260,8 +267,8 @@ class Run:
             get_run_logger().warning(
                 "build_role_arn is not set: every build's ECR token carries all the ECR rights of the flow's AWS "
                 "credentials, so a compromised build can push over other components' tags and caches. Set "
-                "build_role_arn on the target block (README: Security) to mint each build's token from a session "
-                "limited to its component's repositories")
+                "build_role_arn on the target block (README, 'Pointing it at a real EKS cluster', IAM) to mint "
+                "each build's token from a session limited to its component's repositories")
 
     async def registry_token(self, component: ComponentSpec, held: RegistryToken | None = None) -> RegistryToken:
         """The ECR token for a build of `component`, lasting past the build's deadline.
@@ -483,6 +490,7 @@ async def build_and_deploy(
         async with (connection(target, local.aws_credentials, local.kubeconfig, pipeline,
                                local.build_role_arn) as connected,
                     kube_api(connected.kubeconfig) as api):
+            check_scopable(pipeline, connected.build_role_arn)
             archives, _, _ = await asyncio.gather(
                 package_all(pipeline, selected, source, results),
                 asyncio.to_thread(aws_client, connected.credentials, "s3"),

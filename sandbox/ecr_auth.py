@@ -1,7 +1,7 @@
 """ECR's side of registry authorization, which moto does not model: who a token speaks for, and what they may do.
 
-moto 5.2.5 (moto/ecr/responses.py get_authorization_token) hands every caller the same token, `AWS:<account>-auth-token`,
-that expired in 2015, and answers GetDownloadUrlForLayer with NotImplementedError. ECR's token "represents your IAM
+moto 5.2.5 (moto/ecr/responses.py get_authorization_token) hands every caller the same token,
+`AWS:<account>-auth-token`, that expired in 2015, and answers GetDownloadUrlForLayer with NotImplementedError. ECR's token "represents your IAM
 authentication credentials and can be used to access any Amazon ECR registry that your IAM principal has access to.
 The authorization token is valid for 12 hours" (ECR API Reference, GetAuthorizationToken), so here:
 

@@ -175,3 +175,17 @@ def test_without_a_build_role_the_run_warns_that_builds_carry_the_flows_rights(p
     assert state.is_completed()
     assert any(line.startswith("build_role_arn is not set: every build's ECR token carries all the ECR rights")
                for line in flow_logs(state.state_details.flow_run_id))
+
+
+def test_a_build_role_with_a_registry_that_is_not_ecr_is_refused_before_anything_remote():
+    from flows.config import ConfigError, load_config
+    from flows.pipeline import check_scopable
+    from sandbox.example import EXAMPLE, PIPELINE_FILE
+
+    config = load_config(EXAMPLE / PIPELINE_FILE)
+    check_scopable(config, BUILD_ROLE_ARN)
+    other = config.model_copy(update={"registry": "registry.example.com:5000"})
+    check_scopable(other, None)
+    with pytest.raises(ConfigError, match=r"^registry: 'registry.example.com:5000' is not an ECR registry .* "
+                                          "so build_role_arn cannot scope its tokens"):
+        check_scopable(other, BUILD_ROLE_ARN)
