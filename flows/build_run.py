@@ -105,6 +105,8 @@ def _blob(ecr, repository: str, digest: str) -> bytes:
             data = response.read(MAX_CONFIG_BYTES + 1)
     except urllib.error.HTTPError as exc:
         raise UnverifiableImage(f"downloading its config blob {digest} answered {exc.code}") from None
+    except urllib.error.URLError as exc:  # a network fault: the task retries a ConnectionError
+        raise ConnectionError(f"downloading its config blob {digest}: {exc.reason}") from None
     if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
         raise UnverifiableImage(f"its config blob does not match its digest {digest}")
     return data
