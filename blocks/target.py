@@ -17,7 +17,9 @@ import yaml
 from prefect.blocks.core import Block
 from prefect_aws import AwsCredentials, S3Bucket
 from prefect_kubernetes.credentials import KubernetesCredentials
-from pydantic import Field
+from pydantic import Field, field_validator
+
+from flows.registry_auth import check_role_arn
 
 
 class BuildKitPipelineTarget(Block):
@@ -35,6 +37,13 @@ class BuildKitPipelineTarget(Block):
         default=None, description="the cluster; empty means the in-cluster service account or ~/.kube/config"
     )
     kubeconfig_path: str | None = Field(default=None, description="a kubeconfig file on the worker, instead")
+    build_role_arn: str | None = Field(
+        default=None,
+        description="IAM role each build's ECR token is minted from, one session per build limited to its "
+                    "component's repositories; empty: builds carry the full ECR rights of aws_credentials",
+    )
+
+    _role = field_validator("build_role_arn")(check_role_arn)
 
     @contextlib.asynccontextmanager
     async def kubeconfig(self) -> AsyncIterator[str | None]:

@@ -2,12 +2,14 @@
 
     AWS_REGION=us-west-2 [AWS_ACCESS_KEY_ID=AKIA... AWS_SECRET_ACCESS_KEY=...] [BUILDKIT_PIPELINE_ROLE_ARN=arn:...] \
     KUBECONFIG=~/.kube/eks-config [KUBE_CONTEXT=...] [BUILDKIT_PIPELINE_BUCKET=my-build-bucket] \
+    [BUILDKIT_PIPELINE_BUILD_ROLE_ARN=arn:...] \
     python -m deployments.setup_blocks --name production [--in-cluster] [--worker-profile NAME]
 
 Saves `<name>-aws` (AwsCredentials), `<name>-cluster` (KubernetesCredentials, one context of the
 kubeconfig file, minified and flattened; omitted with --in-cluster), `<name>-contexts` (S3Bucket,
 the bucket for build contexts; only with BUILDKIT_PIPELINE_BUCKET, else the pipeline file's
-`aws.bucket` is used) and `<name>` (BuildKit Pipeline Target, naming the others).
+`aws.bucket` is used) and `<name>` (BuildKit Pipeline Target, naming the others, with
+BUILDKIT_PIPELINE_BUILD_ROLE_ARN as its `build_role_arn`: the role each build's ECR token is minted from).
 
 What a block holds outlives the shell that saved it, and a worker reads it on another machine:
 - no temporary AWS credentials (a session token, an `ASIA...` key): the nightly would outlive them.
@@ -32,6 +34,7 @@ from prefect_kubernetes.credentials import KubernetesClusterConfig, KubernetesCr
 from pydantic import SecretStr
 
 from blocks.target import BuildKitPipelineTarget
+from flows.registry_auth import check_role_arn
 
 # AWS STS GetAccessKeyInfo (API reference): "Access key IDs beginning with ASIA are temporary credentials".
 TEMPORARY_KEY_PREFIX = "ASIA"
@@ -125,14 +128,15 @@ def cluster_from_kubeconfig(path: Path, context: str | None) -> KubernetesCreden
 
 
 def save_target(name: str, aws: AwsCredentials, cluster: KubernetesCredentials | None,
-                bucket: str | None = None) -> BuildKitPipelineTarget:
+                bucket: str | None = None, build_role_arn: str | None = None) -> BuildKitPipelineTarget:
     aws.save(f"{name}-aws", overwrite=True)
     if cluster is not None:
         cluster.save(f"{name}-cluster", overwrite=True)
     contexts = S3Bucket(bucket_name=bucket, credentials=aws) if bucket else None
     if contexts is not None:
         contexts.save(f"{name}-contexts", overwrite=True)
-    target = BuildKitPipelineTarget(aws_credentials=aws, kubernetes=cluster, context_bucket=contexts)
+    target = BuildKitPipelineTarget(aws_credentials=aws, kubernetes=cluster, context_bucket=contexts,
+                                    build_role_arn=build_role_arn)
     target.save(name, overwrite=True)
     return target
 
@@ -144,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-profile", help="an AWS profile that exists on every worker (stored by name)")
     args = parser.parse_args(argv)
     try:
+        build_role_arn = check_role_arn(os.environ.get("BUILDKIT_PIPELINE_BUILD_ROLE_ARN") or None,
+                                        "BUILDKIT_PIPELINE_BUILD_ROLE_ARN")
         aws = aws_credentials_from_environment(args.worker_profile)
         cluster = None
         if not args.in_cluster:
@@ -152,11 +158,11 @@ def main(argv: list[str] | None = None) -> None:
                 raise SetupError(f"KUBECONFIG={kubeconfig} lists several files; name the one with the context")
             kubeconfig = Path(kubeconfig).expanduser()
             cluster = cluster_from_kubeconfig(kubeconfig, os.environ.get("KUBE_CONTEXT"))
-    except (SetupError, OSError) as exc:
+    except (SetupError, OSError, ValueError) as exc:
         print(f"error: {exc}; nothing was saved", file=sys.stderr)
         raise SystemExit(2) from None
     bucket = os.environ.get("BUILDKIT_PIPELINE_BUCKET")
-    save_target(args.name, aws, cluster, bucket)
+    save_target(args.name, aws, cluster, bucket, build_role_arn)
     saved = [f"{args.name}-aws", *([] if args.in_cluster else [f"{args.name}-cluster"]),
              *([f"{args.name}-contexts"] if bucket else [])]
     print(f"saved blocks {', '.join(saved)} and target {args.name}")

@@ -129,3 +129,12 @@ def _fixed_client(credentials: AwsCredentials, frozen: ReadOnlyCredentials, peri
     return _session(credentials, period).client(
         "s3", aws_access_key_id=frozen.access_key, aws_secret_access_key=frozen.secret_key,
         aws_session_token=frozen.token, **params)
+
+
+def client_with(credentials: AwsCredentials, service: str, access_key: str, secret_key: str, token: str):
+    """A client of `service` for other credentials (e.g. a session of another role), at the same endpoint."""
+    params = credentials.aws_client_parameters.get_params_override()
+    with _LOCK:
+        session = _session(credentials, int(time.time() // SESSION_SECONDS))
+        return session.client(service, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
+                              aws_session_token=token, **params)

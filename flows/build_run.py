@@ -15,8 +15,11 @@ import asyncio
 import base64
 import contextlib
 import functools
+import hashlib
 import json
 import time
+import urllib.error
+import urllib.request
 from typing import Callable
 
 from kubernetes_asyncio import client
@@ -38,6 +41,7 @@ from flows.build import (
 )
 from flows.builders import job_manifest
 from flows import pending
+from flows.plan import CONTEXT_SHA256_LABEL
 from flows.kube import Watch, as_dict, with_retries
 from flows.registry_auth import RegistryToken, owned_by, registry_secret_manifest
 from flows.secrecy import carrying_secrets, withhold_presigned_query
@@ -68,6 +72,76 @@ def tag_existing_image(credentials: AwsCredentials, registry: str, image: ImageR
                           imageDigest=digest)
         except ecr.exceptions.ImageAlreadyExistsException:
             pass
+
+
+# BatchGetImage's acceptedMediaTypes (ECR API Reference): without them ECR may answer another schema than was pushed
+MANIFEST_TYPES = ["application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
+                  "application/vnd.docker.distribution.manifest.v2+json",
+                  "application/vnd.docker.distribution.manifest.list.v2+json"]
+MAX_CONFIG_BYTES = 4 << 20
+
+
+class UnverifiableImage(Exception):
+    """The image's config could not be read or does not match its digest."""
+
+
+def _manifest(ecr, repository: str, digest: str) -> dict:
+    found = ecr.batch_get_image(repositoryName=repository, imageIds=[{"imageDigest": digest}],
+                                acceptedMediaTypes=MANIFEST_TYPES)["images"]
+    if not found:
+        raise UnverifiableImage(f"BatchGetImage found no manifest {digest}")
+    return json.loads(found[0]["imageManifest"])
+
+
+def _blob(ecr, repository: str, digest: str) -> bytes:
+    """A blob through GetDownloadUrlForLayer (which serves any blob an image references, its config too) and a GET
+    of the presigned URL it returns; checked against its digest."""
+    try:
+        url = ecr.get_download_url_for_layer(repositoryName=repository, layerDigest=digest)["downloadUrl"]
+    except (ecr.exceptions.LayersNotFoundException, ecr.exceptions.LayerInaccessibleException) as exc:
+        raise UnverifiableImage(f"its config blob {digest} cannot be downloaded: "
+                                f"{exc.response['Error']['Code']}") from None
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:  # the URL's query is a secret: never in a message
+            data = response.read(MAX_CONFIG_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        raise UnverifiableImage(f"downloading its config blob {digest} answered {exc.code}") from None
+    except urllib.error.URLError as exc:  # a network fault: the task retries a ConnectionError
+        raise ConnectionError(f"downloading its config blob {digest}: {exc.reason}") from None
+    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise UnverifiableImage(f"its config blob does not match its digest {digest}")
+    return data
+
+
+def context_labels(credentials: AwsCredentials, registry: str, image: ImageRef, digest: str) -> list[str | None]:
+    """The context-sha256 label of the image's config, of every platform's for an image index (attestation
+    manifests, platform `unknown/unknown`, left out)."""
+    ecr = aws_client(credentials, "ecr")
+    repository = image.repository.removeprefix(f"{registry}/")
+    manifest = _manifest(ecr, repository, digest)
+    if "manifests" in manifest:
+        manifests = [_manifest(ecr, repository, m["digest"]) for m in manifest["manifests"]
+                     if m.get("platform", {}).get("os") != "unknown"]
+    else:
+        manifests = [manifest]
+    labels = []
+    for one in manifests:
+        config = json.loads(_blob(ecr, repository, one["config"]["digest"]))
+        labels.append(((config.get("config") or {}).get("Labels") or {}).get(CONTEXT_SHA256_LABEL))
+    return labels
+
+
+def reuse_refusal(labels: list[str | None], archive_sha256: str) -> str | None:
+    """Why an image whose configs carry `labels` must not be reused for the archive `archive_sha256`; None if
+    every config names exactly this archive."""
+    if not labels:
+        return "it has no image config"
+    for label in labels:
+        if label is None:
+            return f"its config has no {CONTEXT_SHA256_LABEL} label"
+        if label != archive_sha256:
+            return f"its {CONTEXT_SHA256_LABEL} label is {label}, not this context's {archive_sha256}"
+    return None
 
 
 class ImageFacts(BaseModel):

@@ -34,6 +34,7 @@ from flows.pipeline import (
     ComponentResult,
     PipelineFailed,
     Run,
+    check_scopable,
     clean_up_run,
     connection,
     deployment_id,
@@ -161,10 +162,13 @@ async def compare_builders(
     archives = await package_all(pipeline, selected, source, packaged)
     builds = {(c.name, builder): ComponentResult(name=c.name) for c in selected for builder in COMPARED}
     await ensure_limit(BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT)
-    async with connection(target, local.aws_credentials, local.kubeconfig, pipeline) as connected:
+    async with connection(target, local.aws_credentials, local.kubeconfig, pipeline, local.build_role_arn) as connected:
+        check_scopable(pipeline, connected.build_role_arn)
         async with kube_api(connected.kubeconfig) as api:
             run = Run(pipeline, source, archives, packaged, connected.credentials, api, connected.kubeconfig,
-                      connected.bucket, False, no_cache, asyncio.Semaphore(max_parallel_builds))
+                      connected.bucket, False, no_cache, asyncio.Semaphore(max_parallel_builds),
+                      build_role_arn=connected.build_role_arn)
+            run.warn_if_unscoped()
 
             async def compare(component) -> None:
                 for builder in COMPARED:

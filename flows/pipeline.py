@@ -36,16 +36,16 @@ from flows.aws import aws_client, credentials_lasting
 from flows.build import BuiltImage
 from flows.build_run import delete_run_objects
 from flows.builders import log_reader
-from flows.config import Builder, ComponentSpec, ConfigError, PipelineConfig, load_config
+from flows.config import ECR_HOST, Builder, ComponentSpec, ConfigError, PipelineConfig, load_config
 from flows.deploy import DeployedRelease
 from flows.deployed import pipeline_file
 from flows.diagnose import explain_failure
 from flows.kube import kube_api
 from flows.limits import ensure_limit, held_slot, previous_table
 from flows.package import PackagedContext
-from flows.plan import plan_component, select
+from flows.plan import cache_repository, plan_component, select
 from flows.progress import step_table
-from flows.registry_auth import RegistryToken
+from flows.registry_auth import RegistryToken, check_role_arn, session_name
 from flows.report import format_timing, timeline_markdown, timing_rows
 from flows.run_timeout import flow_timeout_seconds
 from flows.source import SourceCheckout
@@ -103,21 +103,24 @@ class Connection:
     credentials: AwsCredentials
     kubeconfig: str | None
     bucket: str
+    build_role_arn: str | None = None
 
 
 @dataclass(frozen=True)
 class LocalConnection:
-    """AWS credentials and a kubeconfig given by the process that starts a run itself."""
+    """AWS credentials, a kubeconfig and the build role given by the process that starts a run itself."""
 
     aws_credentials: AwsCredentials | None = None
     kubeconfig: str | None = None
+    build_role_arn: str | None = None
 
 
 LOCAL_CONNECTION: ContextVar[LocalConnection] = ContextVar("local_connection", default=LocalConnection())
 
 
 @contextmanager
-def connected_locally(aws_credentials: AwsCredentials | None = None, kubeconfig: str | None = None) -> Iterator[None]:
+def connected_locally(aws_credentials: AwsCredentials | None = None, kubeconfig: str | None = None,
+                      build_role_arn: str | None = None) -> Iterator[None]:
     """Runs started inside this block (the CLI's `run --kubeconfig`/`--sandbox`, the tests) use these.
 
     They are not flow parameters, so a deployment's run form cannot name a file or
@@ -125,11 +128,18 @@ def connected_locally(aws_credentials: AwsCredentials | None = None, kubeconfig:
     block, else the worker's own default chain. A ContextVar reaches the flow run,
     its tasks and its hooks in this process, and nothing in a worker's.
     """
-    token = LOCAL_CONNECTION.set(LocalConnection(aws_credentials, kubeconfig))
+    token = LOCAL_CONNECTION.set(LocalConnection(aws_credentials, kubeconfig, check_role_arn(build_role_arn)))
     try:
         yield
     finally:
         LOCAL_CONNECTION.reset(token)
+
+
+def check_scopable(config: PipelineConfig, build_role_arn: str | None) -> None:
+    """Scoped tokens need repository ARNs, which only an ECR registry has."""
+    if build_role_arn and not ECR_HOST.match(config.registry):
+        raise ConfigError([f"registry: {config.registry!r} is not an ECR registry "
+                           "(<account>.dkr.ecr.<region>.amazonaws.com), so build_role_arn cannot scope its tokens"])
 
 
 def deployment_id():
@@ -140,18 +150,20 @@ def deployment_id():
 
 @contextlib.asynccontextmanager
 async def connection(
-    target: str | None, aws_credentials: AwsCredentials | None, kubeconfig: str | None, config: PipelineConfig
+    target: str | None, aws_credentials: AwsCredentials | None, kubeconfig: str | None, config: PipelineConfig,
+    build_role_arn: str | None = None,
 ) -> AsyncIterator[Connection]:
-    """AWS credentials, a kubeconfig path and the context bucket: given directly, from a target block, or the
-    pipeline file's."""
+    """AWS credentials, a kubeconfig path, the context bucket and the build role: given directly, from a target
+    block, or the pipeline file's."""
     if target:
         block = await BuildKitPipelineTarget.aload(target)
         bucket = block.context_bucket.bucket_name if block.context_bucket else config.aws.bucket
         async with block.kubeconfig() as path:
-            yield Connection(aws_credentials or block.aws_credentials, kubeconfig or path, bucket)
+            yield Connection(aws_credentials or block.aws_credentials, kubeconfig or path, bucket,
+                             build_role_arn or block.build_role_arn)
     else:
         yield Connection(aws_credentials or AwsCredentials(region_name=config.aws.region), kubeconfig,
-                         config.aws.bucket)
+                         config.aws.bucket, build_role_arn)
 
 
 async def package_all(
@@ -197,6 +209,7 @@ class Run:
     finished: dict[str, asyncio.Event] = field(default_factory=dict)
     token: RegistryToken | None = None
     token_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    build_role_arn: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -220,7 +233,8 @@ class Run:
         if self.skip_unchanged:
             image = plan_component(self.config, component, self.source, archive, run_id=self.run_id).image
             with timed(result, "build"):
-                result.image = await tasks.reuse_unchanged(self.credentials, self.config.registry, image)
+                result.image = await tasks.reuse_unchanged(self.credentials, self.config.registry, image,
+                                                           archive.sha256)
             if result.image:
                 result.outcome = "unchanged"
                 logger.info("%s: context unchanged, reusing %s@%s", component.name, image.repository,
@@ -248,18 +262,39 @@ class Run:
                     when_lost="A build already running goes on; its Job's activeDeadlineSeconds still bounds it"))
             yield
 
-    async def registry_token(self) -> RegistryToken:
-        """One ECR token for the run's builds, minted again when it could expire before a build's deadline."""
-        if self._token_lasts():
+    def warn_if_unscoped(self) -> None:
+        if not self.build_role_arn:
+            get_run_logger().warning(
+                "build_role_arn is not set: every build's ECR token carries all the ECR rights of the flow's AWS "
+                "credentials, so a compromised build can push over other components' tags and caches. Set "
+                "build_role_arn on the target block (README, 'Pointing it at a real EKS cluster', IAM) to mint "
+                "each build's token from a session limited to its component's repositories")
+
+    async def registry_token(self, component: ComponentSpec, held: RegistryToken | None = None) -> RegistryToken:
+        """The ECR token for a build of `component`, lasting past the build's deadline.
+
+        With `build_role_arn`: `held` while it lasts, else a new token of a new session of the build role limited
+        to the component's image and cache repositories. Without: one token for the run's builds, minted with the
+        flow's credentials, again whenever it could expire before a build's deadline."""
+        lasting = self.config.build.timeout_seconds + 600
+        if self.build_role_arn:
+            if held is not None and self._lasts(held, lasting):
+                return held
+            repositories = [r for r in (self.config.image_repository(component),
+                                        cache_repository(self.config, component)) if r]
+            return await tasks.mint_build_token(
+                self.credentials, self.config.registry, role_arn=self.build_role_arn, repositories=repositories,
+                session=session_name(component.name, self.run_id), lasting_seconds=lasting)
+        if self._lasts(self.token, lasting):
             return self.token
         async with self.token_lock:
-            if not self._token_lasts():
+            if not self._lasts(self.token, lasting):
                 self.token = await tasks.mint_registry_token(self.credentials, self.config.registry)
             return self.token
 
-    def _token_lasts(self) -> bool:
-        deadline = datetime.now(timezone.utc) + timedelta(seconds=self.config.build.timeout_seconds + 600)
-        return self.token is not None and self.token.expires_at >= deadline
+    @staticmethod
+    def _lasts(token: RegistryToken | None, seconds: int) -> bool:
+        return token is not None and token.expires_at >= datetime.now(timezone.utc) + timedelta(seconds=seconds)
 
     async def _store_and_authenticate(self, component: ComponentSpec, result: ComponentResult):
         async def store() -> StoredContext:
@@ -269,7 +304,7 @@ class Run:
 
         async def authenticate() -> RegistryToken:
             with timed(result, "registry-auth"):
-                return await self.registry_token()
+                return await self.registry_token(component)
 
         return await asyncio.gather(store(), authenticate())
 
@@ -291,15 +326,15 @@ class Run:
         staged = asyncio.ensure_future(self._store_and_authenticate(component, result))
         try:
             async with self.build_slot(result):
-                stored, _ = await staged
-                await self._build_job(component, result, stored, builder=builder, comparison=comparison)
+                stored, token = await staged
+                await self._build_job(component, result, stored, token, builder=builder, comparison=comparison)
         finally:
             if not staged.done():
                 staged.cancel()
                 await asyncio.gather(staged, return_exceptions=True)
 
-    async def _build_job(self, component: ComponentSpec, result: ComponentResult, stored: StoredContext, *,
-                         builder: Builder | None, comparison: bool) -> None:
+    async def _build_job(self, component: ComponentSpec, result: ComponentResult, stored: StoredContext,
+                         token: RegistryToken, *, builder: Builder | None, comparison: bool) -> None:
         logger = get_run_logger()
         config, archive = self.config, self.archives[component.name]
         result.context_uploaded = stored.uploaded
@@ -310,7 +345,7 @@ class Run:
                               context_url=uploaded.url.get_secret_value(), no_cache=self.no_cache,
                               builder=builder, comparison=comparison)
         result.builder = plan.request.builder
-        token = await self.registry_token()
+        token = await self.registry_token(component, token)
         from_aws = [s for s in component.secrets if s.aws_secrets_manager]
         secret_values = await tasks.read_build_secrets(self.credentials, from_aws) if from_aws else {}
         progress = log_reader(plan.request.builder)
@@ -400,7 +435,8 @@ async def clean_up_run(flow, flow_run, state) -> None:
         config = load_config(await pipeline_file(parameters["config"], flow_run.deployment_id))
     except (KeyError, ConfigError):
         return
-    async with connection(parameters.get("target"), local.aws_credentials, local.kubeconfig, config) as connected:
+    async with connection(parameters.get("target"), local.aws_credentials, local.kubeconfig, config,
+                          local.build_role_arn) as connected:
         async with kube_api(connected.kubeconfig) as api:
             deleted = await delete_run_objects(api, config.build.namespace, str(flow_run.id))
     flow_run_logger(flow_run, flow).info("deleted %d build objects of run %s", deleted, flow_run.name)
@@ -451,8 +487,10 @@ async def build_and_deploy(
         for component in selected:
             results[component.name].outcome = "planned"
     else:
-        async with (connection(target, local.aws_credentials, local.kubeconfig, pipeline) as connected,
+        async with (connection(target, local.aws_credentials, local.kubeconfig, pipeline,
+                               local.build_role_arn) as connected,
                     kube_api(connected.kubeconfig) as api):
+            check_scopable(pipeline, connected.build_role_arn)
             archives, _, _ = await asyncio.gather(
                 package_all(pipeline, selected, source, results),
                 asyncio.to_thread(aws_client, connected.credentials, "s3"),
@@ -461,7 +499,8 @@ async def build_and_deploy(
             await ensure_limit(BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT)
             run = Run(pipeline, source, archives, results, connected.credentials, api, connected.kubeconfig,
                       connected.bucket, skip_unchanged, no_cache, asyncio.Semaphore(max_parallel_builds),
-                      finished={c.name: asyncio.Event() for c in selected})
+                      finished={c.name: asyncio.Event() for c in selected}, build_role_arn=connected.build_role_arn)
+            run.warn_if_unscoped()
             await asyncio.gather(*(run.component(c, deploy) for c in selected))
     result = PipelineResult(commit=source.commit, ref=source.ref, components=list(results.values()),
                             seconds={"total": round(time.perf_counter() - started, 3)})

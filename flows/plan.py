@@ -40,6 +40,9 @@ class ComponentPlan(BaseModel):
         return self.request.image
 
 
+CONTEXT_SHA256_LABEL = "dev.buildkit-pipeline.context-sha256"
+
+
 def archive_dir() -> Path:
     return cache_root() / "archives"
 
@@ -63,7 +66,7 @@ def image_labels(source: SourceCheckout, archive: PackagedContext) -> dict[str, 
     return {
         "org.opencontainers.image.revision": source.commit,
         "org.opencontainers.image.source": public_url(source.repo),
-        "dev.buildkit-pipeline.context-sha256": archive.sha256,
+        CONTEXT_SHA256_LABEL: archive.sha256,
         "dev.buildkit-pipeline.dirty": str(source.dirty).lower(),
     }
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.blocks.system import Secret
 from prefect.cache_policies import NO_CACHE
 from prefect_aws import AwsCredentials
@@ -72,11 +73,28 @@ async def mint_registry_token(credentials: AwsCredentials, registry: str) -> reg
     return await asyncio.to_thread(registry_auth.mint_ecr_token, credentials, registry)
 
 
+@task(name="registry-auth", retries=3, timeout_seconds=60, **NOT_PERSISTED)
+async def mint_build_token(credentials: AwsCredentials, registry: str, **kwargs) -> registry_auth.RegistryToken:
+    """One build's token, from a session of the build role limited to the build's repositories."""
+    return await asyncio.to_thread(functools.partial(registry_auth.mint_build_token, credentials, registry, **kwargs))
+
+
 @task(name="reuse-unchanged", retries=3, timeout_seconds=60, **STAGE)
-async def reuse_unchanged(credentials: AwsCredentials, registry: str, image: build.ImageRef) -> build.BuiltImage | None:
-    """The image already built from this exact context, tagged for this run; None when there is none."""
+async def reuse_unchanged(credentials: AwsCredentials, registry: str, image: build.ImageRef,
+                          archive_sha256: str) -> build.BuiltImage | None:
+    """The image already built from this exact context, tagged for this run; None when there is none, or when its
+    config's context-sha256 label does not name this archive (a `ctx-` tag anyone with push rights could move)."""
     digest = await asyncio.to_thread(build_run.existing_image, credentials, registry, image)
     if digest is None:
+        return None
+    try:
+        labels = await asyncio.to_thread(build_run.context_labels, credentials, registry, image, digest)
+        refusal = build_run.reuse_refusal(labels, archive_sha256)
+    except build_run.UnverifiableImage as exc:
+        refusal = str(exc)
+    if refusal:
+        get_run_logger().warning("not reusing %s:%s (%s): %s; building it instead", image.repository,
+                                 image.context_tag, digest, refusal)
         return None
     await asyncio.to_thread(build_run.tag_existing_image, credentials, registry, image, digest)
     return build.BuiltImage(repository=image.repository, tags=image.tags, digest=digest, job=None, reused=True)

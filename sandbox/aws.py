@@ -23,10 +23,13 @@ from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from prefect_aws import AwsClientParameters, AwsCredentials
 
 from flows.config import PipelineConfig
+from flows.registry_auth import PUSH_AND_PULL_ACTIONS
+from sandbox import ecr_auth
 from sandbox.faultproxy import FaultProxy
 from sandbox.presign import refusal
 
 SANDBOX_KEY = "sandbox-access-key"
+BUILD_ROLE_ARN = f"arn:aws:iam::{ecr_auth.SANDBOX_ACCOUNT}:role/buildkit-pipeline-build"
 
 
 class AwsSandbox:
@@ -43,6 +46,7 @@ class AwsSandbox:
         host, port = self._server.get_host_and_port()
         self.front = FaultProxy(f"http://{host}:{port}", refuse=self._refusal).start()
         self.url = self.front.url
+        ecr_auth.install(self.url)
 
     def stop(self) -> None:
         if self.front is not None:
@@ -86,12 +90,34 @@ class AwsSandbox:
                 "CreateBucketConfiguration": {"LocationConstraint": config.aws.region}
             }
             s3.create_bucket(Bucket=config.aws.bucket, **location)
+        self.provision_build_role()
         ecr = self.client("ecr", config.aws.region)
         repositories = {r["repositoryName"] for r in ecr.describe_repositories().get("repositories", [])}
         for component in config.components:
             if component.image not in repositories:
                 ecr.create_repository(repositoryName=component.image)
                 repositories.add(component.image)
+
+
+    def provision_build_role(self) -> None:
+        """The role builds' tokens are minted from (README, Security): trusted by the account, allowed to push and
+        pull every repository of the account; each build's session policy narrows it to its own."""
+        iam = self.client("iam", "us-east-1")
+        name = BUILD_ROLE_ARN.rpartition("/")[2]
+        try:
+            iam.get_role(RoleName=name)
+            return
+        except iam.exceptions.NoSuchEntityException:
+            pass
+        trust = {"Version": "2012-10-17", "Statement": [{
+            "Effect": "Allow", "Action": "sts:AssumeRole",
+            "Principal": {"AWS": f"arn:aws:iam::{ecr_auth.SANDBOX_ACCOUNT}:root"}}]}
+        iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust))
+        iam.put_role_policy(RoleName=name, PolicyName="ecr-push-pull", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [
+                {"Effect": "Allow", "Action": "ecr:GetAuthorizationToken", "Resource": "*"},
+                {"Effect": "Allow", "Action": list(PUSH_AND_PULL_ACTIONS),
+                 "Resource": f"arn:aws:ecr:*:{ecr_auth.SANDBOX_ACCOUNT}:repository/*"}]}))
 
 
 def sandbox_credentials(url: str, region: str) -> AwsCredentials:

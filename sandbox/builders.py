@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from sandbox.aws import AwsSandbox
+from sandbox.ecr_auth import PULL, PUSH, Principal, Refused, first_refusal, store_blob
 from sandbox.kube import KubeEmulator, PodHandle
 from sandbox.kube.containerfs import ContainerFS, Node
 
@@ -92,11 +93,17 @@ def docker_config_auths(config_json: bytes) -> dict[str, str]:
     return {host: entry.get("auth") for host, entry in json.loads(config_json).get("auths", {}).items()}
 
 
-def minted_token(aws: AwsSandbox, region: str, registry: str) -> str:
-    """The token the flow would have minted for `registry`: base64 of `AWS:<password>`."""
-    account = registry.split(".", 1)[0]
-    ecr = aws.client("ecr", region)
-    return ecr.get_authorization_token(registryIds=[account])["authorizationData"][0]["authorizationToken"]
+def push_refusal(aws: AwsSandbox, region: str, holder: Principal, name: str, manifest: str) -> Refused | None:
+    """The first request of pushing `manifest` as `name` that ECR refuses the token's holder (sandbox/ecr_auth.py)."""
+    registry, repository, tag = split_name(name)
+    parsed = json.loads(manifest)
+    first = (parsed.get("layers") or [parsed.get("config", {})])[0].get("digest", "")
+    return first_refusal(holder, PUSH, registry, repository, region, digest=first, tag=tag, upload="<uuid>")
+
+
+def pull_refusal(region: str, holder: Principal, name: str) -> Refused | None:
+    registry, repository, tag = split_name(name)
+    return first_refusal(holder, PULL, registry, repository, region, tag=tag)
 
 
 # ------------------------------------------------------------------ the build context and the Dockerfile
@@ -202,6 +209,7 @@ def image_manifest(steps: list[Step], labels: dict[str, str], platform: str, med
         "rootfs": {"type": "layers", "diff_ids": [layer["digest"] for layer in layers]},
         "history": [{"created_by": s.instruction, **({} if s.layer else {"empty_layer": True})} for s in steps],
     }, sort_keys=True, separators=(",", ":")).encode()
+    _config_blobs["sha256:" + hashlib.sha256(config).hexdigest()] = config
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": media["manifest"],
         "config": {"mediaType": media["config"], "size": len(config),
@@ -212,6 +220,14 @@ def image_manifest(steps: list[Step], labels: dict[str, str], platform: str, med
 
 
 # ------------------------------------------------------------------ the registry
+
+_config_blobs: dict[str, bytes] = {}  # config digest -> the blob `image_manifest` made, pushed with its manifest
+
+
+def _store_config(aws: AwsSandbox, registry: str, manifest: str) -> None:
+    digest = json.loads(manifest).get("config", {}).get("digest")
+    if digest in _config_blobs:
+        store_blob(aws, registry.split(".", 1)[0], digest, _config_blobs[digest])
 
 def split_name(name: str) -> tuple[str, str, str]:
     """`<registry>/<repository>:<tag>` -> (registry, repository, tag)."""
@@ -228,6 +244,7 @@ def push_manifest(aws: AwsSandbox, region: str, name: str, manifest: str, digest
         ecr.describe_repositories(repositoryNames=[repository])
     except ecr.exceptions.RepositoryNotFoundException:
         return False
+    _store_config(aws, split_name(name)[0], manifest)
     try:
         ecr.put_image(repositoryName=repository, imageManifest=manifest, imageTag=tag, imageDigest=digest)
     except ecr.exceptions.ImageAlreadyExistsException:
@@ -308,7 +325,9 @@ class SimulatedBuilder:
     RUN step has started: exit code 137 with that termination reason (`OOMKilled`,
     or `Error` for a SIGKILL from elsewhere), nothing written. `run_output` is
     what the first RUN step prints (e.g. one 1 MiB line). `builds` records
-    each build that succeeded, with its start and end.
+    each build that succeeded, with its start and end. `hijacks` makes a build of
+    that repository a compromised one: before its own push it pushes its image over
+    each named `<registry>/<repository>:<tag>` with the build's registry credentials.
 
     The container works on a model of its filesystem (sandbox/kube/containerfs.py)
     with the image's directories (`image_filesystem`) and the kubelet's mounts; its
@@ -324,6 +343,7 @@ class SimulatedBuilder:
     kills: dict[str, str] = field(default_factory=dict)
     run_output: dict[str, str] = field(default_factory=dict)
     builds: list[dict] = field(default_factory=list)
+    hijacks: dict[str, list[str]] = field(default_factory=dict)
 
     @staticmethod
     def recognises(pod: dict) -> bool:

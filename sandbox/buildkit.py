@@ -39,12 +39,14 @@ from sandbox.builders import (
     dockerfile_instructions,
     final_stage_steps,
     image_manifest,
-    minted_token,
     mounted_secret_file,
+    pull_refusal,
     push_cache_manifest,
     push_manifest,
+    push_refusal,
     unpack,
 )
+from sandbox.ecr_auth import Principal, buildkit_text, token_holder
 from sandbox.kube import PodHandle
 from sandbox.kube.containerfs import ContainerFS, Node, go_strerror
 from sandbox.shell import Process, run_argv
@@ -235,10 +237,19 @@ class SimulatedBuildKit(SimulatedBuilder):
         contextsubdir = args.opts.get("contextsubdir", "")
         tree, dockerfile = _check_layout(archive, args.opts.get("filename", "Dockerfile"), contextsubdir)
         instructions = dockerfile_instructions(dockerfile)
+        holder = token_holder(self.aws, auth.get(registry))
         cache_ready = bool(args.import_cache) and args.import_cache.partition("ref=")[2] in self.exported_caches
-        if args.import_cache and not cache_ready:
-            progress.step("importing cache manifest from " + args.import_cache.partition("ref=")[2],
-                          output="failed to configure registry cache importer: not found\n")
+        if args.import_cache:
+            cache_ref = args.import_cache.partition("ref=")[2]
+            refused = pull_refusal(self.region, holder, cache_ref) if holder else None
+            if holder is None or refused:  # BuildKit goes on without the cache (a warning, not a failure)
+                cache_ready = False
+                answer = buildkit_text(refused) if refused else "401 Unauthorized"
+                progress.step("importing cache manifest from " + cache_ref,
+                              output=f"failed to configure registry cache importer: {answer}\n")
+            elif not cache_ready:
+                progress.step("importing cache manifest from " + cache_ref,
+                              output="failed to configure registry cache importer: not found\n")
         pace.spread_over(len(instructions))
         failure = self.failures.get(repository)
         kill = self.kills.get(repository)
@@ -258,7 +269,7 @@ class SimulatedBuildKit(SimulatedBuilder):
             progress.step(name, cached=cached, seconds=pace.step(cached=cached))
         if failure:
             raise ContractError(failure)
-        if auth.get(registry) != minted_token(self.aws, self.region, registry):
+        if holder is None:
             progress.step("exporting to image", error="401 Unauthorized")
             raise ContractError(f"failed to push {names[0]}: unexpected status from HEAD request: 401 Unauthorized")
         context = {path.removeprefix(f"{contextsubdir}/"): data for path, data in tree.items()
@@ -267,11 +278,13 @@ class SimulatedBuildKit(SimulatedBuilder):
         labels = {k.removeprefix("label:"): v for k, v in args.opts.items() if k.startswith("label:")}
         steps = final_stage_steps("buildkit", instructions, context, build_args, OCI)
         manifest, digest = image_manifest(steps, labels, args.opts.get("platform", ""), OCI)
+        for target in self.hijacks.get(repository, []):
+            self._hijack(progress, holder, target, manifest, digest)
         pace.finish()
-        self._push(names, manifest, digest)
+        self._push(names, manifest, digest, holder, progress)
         progress.step("exporting to image", output=f"pushing manifest for {names[0]}@{digest} done\n")
         if args.export_cache:
-            self._export_cache(progress, args.export_cache, steps)
+            self._export_cache(progress, args.export_cache, steps, holder)
         metadata = {"containerimage.digest": digest, "image.name": ",".join(names)}
         return {
             "metadata_file": args.metadata_file,
@@ -286,7 +299,15 @@ class SimulatedBuildKit(SimulatedBuilder):
             "metadata": metadata,
         }
 
-    def _export_cache(self, progress: RawJsonProgress, export: str, steps: list) -> None:
+    def _hijack(self, progress: RawJsonProgress, holder: Principal, target: str, manifest: str, digest: str) -> None:
+        """A compromised build step pushing over `target` with the build's own registry credentials."""
+        refused = push_refusal(self.aws, self.region, holder, target, manifest)
+        if not refused:
+            push_manifest(self.aws, self.region, target, manifest, digest)
+        progress.step(f"RUN push {target} (a compromised step)",
+                      output=(buildkit_text(refused) if refused else f"pushed {target}") + "\n")
+
+    def _export_cache(self, progress: RawJsonProgress, export: str, steps: list, holder: Principal) -> None:
         """The registry cache exporter (moby/buildkit v0.31.2 solver/llbsolver/export.go runCacheExporters, vertex
         "exporting cache to registry"; cache/remotecache/export.go Finalize writes layers, config, then the cache
         image manifest under the ref's tag). A refused manifest fails the build unless `ignore-error` is true
@@ -295,8 +316,12 @@ class SimulatedBuildKit(SimulatedBuilder):
         ref = attributes["ref"]
         ignore_error = attributes.get("ignore-error") in ("1", "t", "T", "TRUE", "true", "True")
         manifest, digest = image_manifest(steps, {"cache": ref}, "", OCI)
-        refused = push_cache_manifest(self.aws, self.region, ref, manifest, digest)
-        error = f"error writing manifest blob: {refused}" if refused else None
+        denied = push_refusal(self.aws, self.region, holder, ref, manifest)
+        if denied:  # the first blob is a layer: cache/remotecache/export.go wraps it "error writing layer blob"
+            refused, error = buildkit_text(denied), f"error writing layer blob: {buildkit_text(denied)}"
+        else:
+            refused = push_cache_manifest(self.aws, self.region, ref, manifest, digest)
+            error = f"error writing manifest blob: {refused}" if refused else None
         progress.step("exporting cache to registry",
                       output=f"writing cache image manifest {digest}{' done' if not refused else ''}\n", error=error)
         if refused and not ignore_error:
@@ -320,8 +345,12 @@ class SimulatedBuildKit(SimulatedBuilder):
             raise ContractError(f"failed to load secret {secret_id}: open {src}: no such file or directory")
         return value
 
-    def _push(self, names: list[str], manifest: str, digest: str) -> None:
+    def _push(self, names: list[str], manifest: str, digest: str, holder: Principal,
+              progress: RawJsonProgress) -> None:
         for name in names:
+            if refused := push_refusal(self.aws, self.region, holder, name, manifest):
+                progress.step("exporting to image", error="403 Forbidden")
+                raise ContractError(f"failed to push {name}: {buildkit_text(refused)}")
             if not push_manifest(self.aws, self.region, name, manifest, digest):
                 repository = name.partition("/")[2].rpartition(":")[0]
                 raise ContractError(

@@ -62,12 +62,12 @@ from sandbox.builders import (
     final_stage_steps,
     image_manifest,
     keyword,
-    minted_token,
     mounted_secret_file,
     push_manifest,
     split_name,
     unpack,
 )
+from sandbox.ecr_auth import PUSH, first_refusal, kaniko_text, token_holder
 from sandbox.kube import PodHandle
 from sandbox.kube.containerfs import ContainerFS, Node, go_strerror
 
@@ -385,8 +385,12 @@ class SimulatedKaniko(SimulatedBuilder):
             registry, repository, _ = split_name(destination)
             check = (f'checking push permission for "{destination}": '
                      f"POST https://{registry}/v2/{repository}/blobs/uploads/")
-            if auths.get(registry) != minted_token(self.aws, self.region, registry):
+            holder = token_holder(self.aws, auths.get(registry))
+            refused = holder and first_refusal(holder, [PUSH[1]], registry, repository, self.region)
+            if holder is None:
                 answer = "unexpected status code 401 Unauthorized: Not Authorized"
+            elif refused:  # the POST is ecr:InitiateLayerUpload (sandbox/ecr_auth.py)
+                answer = kaniko_text(refused).removeprefix(f"{refused.method} {refused.url}: ")
             else:
                 try:
                     ecr.describe_repositories(repositoryNames=[repository])

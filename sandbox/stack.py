@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from flows.config import DEFAULT_BUILDKIT_IMAGE, DEFAULT_KANIKO_IMAGE, PipelineConfig
-from sandbox.aws import AwsSandbox
+from sandbox.aws import BUILD_ROLE_ARN, AwsSandbox
 from sandbox.buildkit import SimulatedBuildKit
 from sandbox.kaniko import SimulatedKaniko
 from sandbox.kube import KubeEmulator
@@ -90,7 +90,8 @@ class Sandbox:
             if self.kube.get("namespaces", None, namespace) is None:
                 self.kube.create("namespaces", None, {"metadata": {"name": namespace}})
         self.buildkit.region = self.kaniko.region = config.aws.region
-        return {"aws_credentials": self.aws.credentials(config.aws.region), "kubeconfig": str(self.kubeconfig)}
+        return {"aws_credentials": self.aws.credentials(config.aws.region), "kubeconfig": str(self.kubeconfig),
+                "build_role_arn": BUILD_ROLE_ARN}
 
 
 def namespaces_to_provision(config: PipelineConfig) -> list[str]:

@@ -27,7 +27,7 @@ from flows.config import load_config
 from flows.kaniko import kaniko_job_manifest
 from flows.kube import kube_api
 from flows.plan import package_component, plan_component, prepare_source
-from flows.registry_auth import RegistryToken, mint_ecr_token
+from flows.registry_auth import RegistryToken, mint_build_token, mint_ecr_token
 from flows.upload import presign, store_context
 from sandbox.example import commit_all
 from sandbox.faultproxy import FaultProxy
@@ -305,6 +305,25 @@ def test_a_token_that_is_not_the_minted_one_fails_the_push_permission_check(pref
     assert result.messages[:3] == ["Retrieving https tar file", "Retrieved https tar file", "Extracted https tar file"]
     assert len(result.log) == 4
     assert not [b for b in sandbox.kaniko.builds if b["pod"].startswith(request.name)]
+
+
+def test_a_token_scoped_to_another_repository_is_denied_by_the_push_permission_check(prefect_server, sandbox, app):
+    """ECR authorizes the token's POST against its session policy: ecr:InitiateLayerUpload is not allowed here."""
+    from sandbox.aws import BUILD_ROLE_ARN
+
+    other = f"{app.config.registry}/agents-on-eks/weather-agent"
+    scoped = mint_build_token(app.flow_kwargs["aws_credentials"], app.config.registry, role_arn=BUILD_ROLE_ARN,
+                              repositories=[other], session="kaniko-scope-test", lasting_seconds=900)
+    request = kaniko_request(app)
+
+    result = build(sandbox, app, request, token=scoped)
+
+    destination, repository = request.image.names[0], repository_of(app).partition("/")[2]
+    assert_failed_with(result, f'{PUSH_CHECK}"{destination}": POST https://{REGISTRY}/v2/{repository}/blobs/uploads/: '
+                               "DENIED: User: arn:aws:sts::123456789012:assumed-role/buildkit-pipeline-build/"
+                               "kaniko-scope-test is not authorized to perform: ecr:InitiateLayerUpload on resource: "
+                               f"arn:aws:ecr:us-west-2:123456789012:repository/{repository} because no session policy "
+                               "allows the ecr:InitiateLayerUpload action")
 
 
 def test_without_the_mounted_config_json_the_executor_has_no_credentials(prefect_server, sandbox, app, altered_job):

@@ -33,6 +33,8 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFi
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
 
 from flows.pipeline import PipelineFailed, build_and_deploy
+from sandbox import ecr_auth
+from sandbox.aws import BUILD_ROLE_ARN
 from sandbox.example import commit_all
 from tests.conftest import REPO_ROOT, ExampleApp
 
@@ -205,13 +207,17 @@ def secret_app(prefect_server, sandbox, example_app) -> SecretApp:
     return SecretApp(app, secrets)
 
 
-def ecr_token(sandbox, region: str) -> str:
-    """The token as moto mints it; moto derives it from the account id alone, so every call returns the same."""
-    ecr = sandbox.aws.client("ecr", region)
-    tokens = {ecr.get_authorization_token(registryIds=[ACCOUNT])["authorizationData"][0]["authorizationToken"]
-              for _ in range(2)}
-    assert len(tokens) == 1, "moto's tokens differ per call: take the token from the registry Secret instead"
-    return tokens.pop()
+def tokens_issued_since(count: int) -> list[str]:
+    """The ECR tokens the sandbox issued after the first `count` (each GetAuthorizationToken gives a new one)."""
+    return ecr_auth.issued_tokens()[count:]
+
+
+def build_sessions() -> list:
+    """The STS sessions of the sandbox's build role (each build's token is minted by one)."""
+    from moto.sts.models import sts_backends
+
+    return [role for account in list(sts_backends) for partition in list(sts_backends[account])
+            for role in sts_backends[account][partition].assumed_roles if role.role_arn == BUILD_ROLE_ARN]
 
 
 def secrets_created(sandbox, namespace: str, since_resource_version: int) -> list[dict]:
@@ -245,17 +251,22 @@ def url_query(url: str) -> dict[str, str]:
 
 
 def add_run_secrets(secrets: RunSecrets, sandbox, app, state, since_resource_version: int) -> None:
-    """Add what the run minted: the ECR token and password, the registry Secret and the URL signatures."""
-    token = ecr_token(sandbox, app.config.aws.region)
-    password = base64.b64decode(token).decode().removeprefix("AWS:")
-    secrets.values.update({"ECR token": token, "ECR password": password})
+    """Add what the run minted: the ECR tokens and passwords, the build sessions' keys, the registry Secrets and the
+    URL signatures."""
+    issued = set(ecr_auth.issued_tokens())
     created = secrets_created(sandbox, app.config.build.namespace, since_resource_version)
     registry_secrets = [s for s in created if s["type"] == "kubernetes.io/dockerconfigjson"]
     assert registry_secrets, "the run created no registry Secret"
     for secret in registry_secrets:
-        config = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))
-        assert config["auths"][REGISTRY]["auth"] == token, "the flow pushed with another token than moto's"
-        secrets.values[f"registry Secret {secret['metadata']['name']}"] = secret["data"][".dockerconfigjson"]
+        name = secret["metadata"]["name"]
+        token = json.loads(base64.b64decode(secret["data"][".dockerconfigjson"]))["auths"][REGISTRY]["auth"]
+        assert token in issued, "the flow pushed with a token the sandbox's ECR never issued"
+        secrets.values.update({f"ECR token of {name}": token,
+                               f"ECR password of {name}": base64.b64decode(token).decode().removeprefix("AWS:"),
+                               f"registry Secret {name}": secret["data"][".dockerconfigjson"]})
+    for session in build_sessions():
+        secrets.values[f"secret key of build session {session.session_name}"] = session.secret_access_key
+        secrets.values[f"session token of build session {session.session_name}"] = session.session_token
     jobs = run_jobs(sandbox, app.config.build.namespace, state.state_details.flow_run_id)
     assert jobs, "the run left no build Job to read its context URL from"
     for job in jobs:
@@ -365,11 +376,12 @@ def test_the_registry_token_is_never_a_persisted_result_whatever_the_settings_an
     async def mint() -> str:
         return (await keyed(app.flow_kwargs["aws_credentials"], app.config.registry)).registry
 
-    secrets = RunSecrets()
-    secrets.add("ECR token", ecr_token(sandbox, app.config.aws.region))
+    secrets, before = RunSecrets(), len(ecr_auth.issued_tokens())
     with temporary_settings({PREFECT_RESULTS_PERSIST_BY_DEFAULT: True, PREFECT_LOCAL_STORAGE_PATH: tmp_path}):
         assert asyncio.run(mint()) == app.config.registry
         stored = stored_results()
+    [token] = tokens_issued_since(before)
+    secrets.add("ECR token", token)
     assert stored, "the flow's own result was persisted, so the setting took effect"
     leaks = secrets.found_in("persisted results", stored)
     assert not leaks, "\n".join(leaks)

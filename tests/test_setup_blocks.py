@@ -37,7 +37,8 @@ def two_cluster_kubeconfig(folder, sandbox_url: str) -> dict:
 @pytest.fixture
 def environment(prefect_server, sandbox, monkeypatch, tmp_path):
     """Long-term sandbox keys and a kubeconfig with two clusters, contexts and users."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "BUILDKIT_PIPELINE_BUCKET", "BUILDKIT_PIPELINE_ROLE_ARN"):
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "BUILDKIT_PIPELINE_BUCKET", "BUILDKIT_PIPELINE_ROLE_ARN",
+                 "BUILDKIT_PIPELINE_BUILD_ROLE_ARN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_REGION", "us-west-2")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAIOSFODNN7EXAMPLE")
@@ -130,3 +131,19 @@ def test_a_profile_of_this_machine_is_refused_and_no_keys_means_the_worker_ident
     assert (stored.aws_access_key_id, stored.aws_secret_access_key, stored.aws_session_token,
             stored.profile_name) == (None, None, None, None)
     assert stored.assume_role_arn == "arn:aws:iam::123456789012:role/buildkit-pipeline"
+
+
+def test_the_build_role_is_stored_on_the_target_and_a_malformed_one_saves_nothing(environment, monkeypatch, capsys):
+    monkeypatch.setenv("KUBE_CONTEXT", "prod")
+    monkeypatch.setenv("BUILDKIT_PIPELINE_BUILD_ROLE_ARN", "arn:aws:iam::123456789012:role/buildkit-pipeline-build")
+    setup_blocks(["--name", "scoped-builds"])
+    assert BuildKitPipelineTarget.load("scoped-builds").build_role_arn == \
+        "arn:aws:iam::123456789012:role/buildkit-pipeline-build"
+
+    monkeypatch.setenv("BUILDKIT_PIPELINE_BUILD_ROLE_ARN", "buildkit-pipeline-build")
+    with pytest.raises(SystemExit) as exit_:
+        setup_blocks(["--name", "bad-build-role"])
+    assert exit_.value.code == 2
+    assert ("error: BUILDKIT_PIPELINE_BUILD_ROLE_ARN: 'buildkit-pipeline-build' is not an IAM role ARN"
+            in capsys.readouterr().err)
+    assert not saved("bad-build-role")
