@@ -17,6 +17,8 @@ os.environ["BUILDKIT_PIPELINE_CACHE"] = str(_SESSION_DIR / "cache")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 import pytest  # noqa: E402
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId  # noqa: E402
 from prefect.client.schemas.objects import State  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
@@ -123,3 +125,14 @@ def every_key(value) -> set[str]:
     if isinstance(value, list):
         return {k for v in value for k in every_key(v)}
     return set()
+
+
+def run_logs(flow_run_id) -> list[str]:
+    """Every log message of a run, all pages of them."""
+    with get_client(sync_client=True) as client:
+        messages, offset = [], 0
+        while page := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                       offset=offset, limit=200):
+            messages += [log.message for log in page]
+            offset += len(page)
+    return messages

@@ -9,12 +9,10 @@ import threading
 import time
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flows.pipeline import PipelineFailed, build_and_deploy
 from sandbox.example import commit_all
-from tests.conftest import by_name, jobs, wait_until
+from tests.conftest import by_name, jobs, run_logs, wait_until
 
 MCP, AGENT = "weather-mcp", "weather-agent"
 MCP_REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/weather-mcp"
@@ -42,12 +40,6 @@ def in_background(app, **params) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
-def flow_logs(flow_run_id: str) -> list[str]:
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return [log.message for log in logs]
-
-
 def test_build_log_lines_reach_the_prefect_log_before_the_job_finishes(prefect_server, sandbox, example_app,
                                                                        slow_mcp_build):
     slow_mcp_build(8)
@@ -56,7 +48,7 @@ def test_build_log_lines_reach_the_prefect_log_before_the_job_finishes(prefect_s
     [job] = wait_until(lambda: jobs(sandbox, example_app, MCP))
     flow_run_id = job["metadata"]["labels"]["buildkit-pipeline/flow-run"]
 
-    streamed = wait_until(lambda: [m for m in flow_logs(flow_run_id) if m.startswith(f"{MCP} | #")], timeout=20)
+    streamed = wait_until(lambda: [m for m in run_logs(flow_run_id) if m.startswith(f"{MCP} | #")], timeout=20)
 
     still_running = sandbox.kube.get("jobs", example_app.config.build.namespace, job["metadata"]["name"])
     assert not [c for c in still_running["status"].get("conditions", []) if c["type"] == "Complete"]

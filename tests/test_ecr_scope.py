@@ -24,8 +24,7 @@ from flows.build_run import reuse_refusal
 from sandbox import ecr_auth
 from sandbox.aws import BUILD_ROLE_ARN
 from sandbox.builders import OCI, image_manifest, push_manifest
-from tests.conftest import by_name, jobs
-from tests.test_build_sandbox import flow_logs
+from tests.conftest import by_name, jobs, run_logs
 
 MCP, AGENT = "weather-mcp", "weather-agent"
 REGISTRY = "123456789012.dkr.ecr.us-west-2.amazonaws.com"
@@ -97,7 +96,7 @@ def test_a_builds_token_cannot_push_over_another_components_image_or_cache(prefe
 
     assert tags(sandbox, AGENT_REPOSITORY) == before, "the compromised build moved weather-agent's tags"
     assert by_name(state.result())[MCP].outcome == "built", "its own push is allowed"
-    logs = flow_logs(state.state_details.flow_run_id)
+    logs = run_logs(state.state_details.flow_run_id)
     refused = [line for line in logs if "unexpected status from HEAD request to https://" + REGISTRY +
                "/v2/agents-on-eks/weather-agent/blobs/sha256:" in line and "403 Forbidden" in line]
     assert len(refused) == 2, "the build log shows both pushes refused"
@@ -164,7 +163,7 @@ def test_a_ctx_tag_whose_label_does_not_match_is_built_not_reused(prefect_server
     second = by_name(state.result())[MCP]
     assert second.outcome == "built" and second.image.digest != poisoned
     assert len(jobs(sandbox, example_app, MCP)) == jobs_before + 1
-    why = [line for line in flow_logs(state.state_details.flow_run_id) if line.startswith("not reusing")]
+    why = [line for line in run_logs(state.state_details.flow_run_id) if line.startswith("not reusing")]
     assert why and f"label is {'f' * 64}, not this context's {first.archive_sha256}" in why[0]
 
 
@@ -174,7 +173,7 @@ def test_without_a_build_role_the_run_warns_that_builds_carry_the_flows_rights(p
     state = example_app.run(components=[MCP], deploy=False)
     assert state.is_completed()
     assert any(line.startswith("build_role_arn is not set: every build's ECR token carries all the ECR rights")
-               for line in flow_logs(state.state_details.flow_run_id))
+               for line in run_logs(state.state_details.flow_run_id))
 
 
 def test_a_build_role_with_a_registry_that_is_not_ecr_is_refused_before_anything_remote():

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import uuid
-from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client

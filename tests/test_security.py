@@ -29,14 +29,14 @@ import pytest
 import yaml
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
 
 from flows.pipeline import PipelineFailed, build_and_deploy
 from sandbox import ecr_auth
 from sandbox.aws import BUILD_ROLE_ARN
 from sandbox.example import commit_all
-from tests.conftest import REPO_ROOT, ExampleApp
+from tests.conftest import REPO_ROOT, ExampleApp, run_logs
 
 MCP, AGENT = "weather-mcp", "weather-agent"
 ACCOUNT = "123456789012"
@@ -94,16 +94,6 @@ def flow_record_texts(records: list[logging.LogRecord]) -> list[str]:
             text += "".join(traceback.format_exception(*record.exc_info))
         texts.append(text + (record.stack_info or ""))
     return texts
-
-
-def run_logs(flow_run_id) -> list[str]:
-    with get_client(sync_client=True) as client:
-        messages, offset = [], 0
-        while page := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                       offset=offset, limit=200):
-            messages += [log.message for log in page]
-            offset += len(page)
-    return messages
 
 
 def run_artifacts(flow_run_id) -> list[str]:
