@@ -38,6 +38,7 @@ from flows.build import describe_failure
 from flows.config import DEFAULT_KANIKO_IMAGE
 from flows.kaniko_log import is_kaniko_log, kaniko_plain
 from flows.progress import to_plain
+from flows.secrecy import withhold_presigned_query
 
 NO_MATCH = "no known signature"
 NOT_A_WARNING = r"^(?!WARNING )[^\n]*?"
@@ -394,8 +395,10 @@ SIGNATURES: list[Signature] = [
 def diagnose(
     log: str, *, pod: dict | None = None, job: dict | None = None, events: list[dict] | None = None
 ) -> Diagnosis | None:
-    """The first signature in `SIGNATURES` that the log or the Kubernetes status shows, or None."""
-    plain = kaniko_plain(to_plain(log or ""))
+    """The first signature in `SIGNATURES` that the log or the Kubernetes status shows, or None.
+
+    A presigned URL's query never reaches the summary or the evidence, whatever log is given (a saved one too)."""
+    plain = withhold_presigned_query(kaniko_plain(to_plain(log or "")))
     status = "\n".join(status_lines(pod=pod, job=job, events=events))
     builder = "kaniko" if KANIKO_STATUS.search(status) or is_kaniko_log(plain) else "buildkit"
     context = {"namespace": _namespace(pod, job, events), **BUILDERS[builder]}

@@ -12,6 +12,7 @@ import pytest
 
 from flows.diagnose import SIGNATURES, diagnose, diagnose_file, explain_failure
 from flows.kaniko_log import kaniko_plain
+from flows.secrecy import withhold_presigned_query
 from tests.conftest import fixture_log, fixture_status
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kaniko"
@@ -79,8 +80,9 @@ def kube(name: str) -> dict:
 
 
 def kaniko_error(log: str) -> str:
-    """The error Kaniko printed before it exited (rendered as diagnose sees it)."""
-    return next(line for line in reversed(kaniko_plain(log).splitlines()) if line.startswith(("error ", "Error: ")))
+    """The error Kaniko printed before it exited (rendered as diagnose sees it, a presigned query withheld)."""
+    plain = withhold_presigned_query(kaniko_plain(log))
+    return next(line for line in reversed(plain.splitlines()) if line.startswith(("error ", "Error: ")))
 
 
 def signature(name: str):
