@@ -60,9 +60,12 @@ def served(prefect_server, sandbox, example_app):
     target = f"sandbox-{example_app.config.build.namespace}"
     BuildKitPipelineTarget(aws_credentials=example_app.flow_kwargs["aws_credentials"],
                            kubeconfig_path=example_app.flow_kwargs["kubeconfig"]).save(target, overwrite=True)
+    # a run is picked up within PREFECT_RUNNER_POLL_FREQUENCY (prefect/settings/models/runner.py, 3.9.1: default
+    # 10 s); cancelling does not wait for it (FlowRunCancellingObserver listens to events, polls only as fallback)
     process = subprocess.Popen(
         [sys.executable, "-m", "deployments.serve", "--config", str(example_app.pipeline_file), "--target", target],
-        cwd=REPO_ROOT, env=prefect_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=REPO_ROOT, env={**prefect_env(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         for name in ("build-and-deploy/on-demand", "build-and-deploy/nightly", "compare-builders/compare"):
