@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -54,26 +55,33 @@ def wait_for_deployment(name: str, timeout: float = 90, config: str | None = Non
     raise AssertionError(f"deployment {name} was not registered" + (f" with {config}" if config else ""))
 
 
-@pytest.fixture
-def served(prefect_server, sandbox, example_app):
-    """`python -m deployments.serve` for the example app, with a target block pointing at the sandbox."""
-    target = f"sandbox-{example_app.config.build.namespace}"
-    BuildKitPipelineTarget(aws_credentials=example_app.flow_kwargs["aws_credentials"],
-                           kubeconfig_path=example_app.flow_kwargs["kubeconfig"]).save(target, overwrite=True)
+@contextmanager
+def serving(app):
+    """`python -m deployments.serve` for the app, with a target block pointing at the sandbox."""
+    target = f"sandbox-{app.config.build.namespace}"
+    BuildKitPipelineTarget(aws_credentials=app.flow_kwargs["aws_credentials"],
+                           kubeconfig_path=app.flow_kwargs["kubeconfig"]).save(target, overwrite=True)
     # a run is picked up within PREFECT_RUNNER_POLL_FREQUENCY (prefect/settings/models/runner.py, 3.9.1: default
     # 10 s); cancelling does not wait for it (FlowRunCancellingObserver listens to events, polls only as fallback)
     process = subprocess.Popen(
-        [sys.executable, "-m", "deployments.serve", "--config", str(example_app.pipeline_file), "--target", target],
+        [sys.executable, "-m", "deployments.serve", "--config", str(app.pipeline_file), "--target", target],
         cwd=REPO_ROOT, env={**prefect_env(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         for name in ("build-and-deploy/on-demand", "build-and-deploy/nightly", "compare-builders/compare"):
-            wait_for_deployment(name, config=str(example_app.pipeline_file.resolve()))
-        yield example_app
+            wait_for_deployment(name, config=str(app.pipeline_file.resolve()))
+        yield app
     finally:
         process.terminate()
         process.wait(30)
+
+
+@pytest.fixture
+def served(prefect_server, sandbox, example_app):
+    """The example app's deployments, served (`serving`)."""
+    with serving(example_app) as app:
+        yield app
 
 
 def test_three_components_build_in_parallel_and_agents_deploy_after_the_mcp_server(prefect_server, sandbox,
