@@ -10,8 +10,10 @@ PYTHON := .venv/bin/python
 setup:
 	@bash scripts/setup.sh
 
+# two sessions side by side, each with its own Prefect server and sandbox; a file's tests stay together in one
+# (pytest-dev/pytest-xdist docs/distribution.rst, `--dist loadfile`), as its module fixtures need
 test: setup
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 demo: setup
 	$(PYTHON) -m sandbox.demo

@@ -72,7 +72,18 @@ _apps = itertools.count(1)
 @pytest.fixture
 def example_app(tmp_path, sandbox) -> ExampleApp:
     """A fresh git repository of the example app, with namespaces and a bucket of its own, provisioned."""
-    pipeline_file = create_example_repo(tmp_path / "weather-app")
+    return new_example_app(tmp_path, sandbox)
+
+
+@pytest.fixture(scope="session")
+def example_app_in(sandbox):
+    """`example_app` for fixtures of a wider scope: call it with a directory. A fixture rather than an import, since
+    `tests.conftest` imported by name is a second copy of this module, whose app counter would give names taken."""
+    return lambda directory: new_example_app(directory, sandbox)
+
+
+def new_example_app(directory: Path, sandbox) -> ExampleApp:
+    pipeline_file = create_example_repo(directory / "weather-app")
     suffix = f"-t{next(_apps)}"
     text = pipeline_file.read_text()
     for namespace in ("build", "mcp-servers", "agents"):

@@ -11,10 +11,18 @@ from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import State, StateType
 
 from tests.conftest import HELM, wait_until
-from tests.test_operations import MCP_REPOSITORY, served  # noqa: F401 - `served` is a fixture
+from tests.test_operations import MCP_REPOSITORY, serving
 
 MCP = "weather-mcp"
 FLOW_RUN_LABEL = "buildkit-pipeline/flow-run"
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, example_app_in, tmp_path_factory):
+    """The example app's deployments, served by one process for this module's two served runs: one cancels a
+    build that deploys nothing, the other a first install of the release."""
+    with serving(example_app_in(tmp_path_factory.mktemp("served"))) as app:
+        yield app
 
 
 def run_objects(sandbox, namespace: str, flow_run_id: str) -> list[str]:

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,9 +27,10 @@ from blocks.target import BuildKitPipelineTarget
 from flows.config import load_config
 from flows.pipeline import connection
 from sandbox.example import add_agent, commit_all
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, ExampleApp
 
 MCP_REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/weather-mcp"
+DEPLOYMENTS = ("build-and-deploy/nightly", "build-and-deploy/on-demand", "compare-builders/compare")
 
 
 def prefect_env() -> dict:
@@ -54,23 +57,33 @@ def wait_for_deployment(name: str, timeout: float = 90, config: str | None = Non
     raise AssertionError(f"deployment {name} was not registered" + (f" with {config}" if config else ""))
 
 
-@pytest.fixture
-def served(prefect_server, sandbox, example_app):
-    """`python -m deployments.serve` for the example app, with a target block pointing at the sandbox."""
-    target = f"sandbox-{example_app.config.build.namespace}"
-    BuildKitPipelineTarget(aws_credentials=example_app.flow_kwargs["aws_credentials"],
-                           kubeconfig_path=example_app.flow_kwargs["kubeconfig"]).save(target, overwrite=True)
+@contextmanager
+def serving(app):
+    """`python -m deployments.serve` for the app, with a target block pointing at the sandbox."""
+    target = f"sandbox-{app.config.build.namespace}"
+    BuildKitPipelineTarget(aws_credentials=app.flow_kwargs["aws_credentials"],
+                           kubeconfig_path=app.flow_kwargs["kubeconfig"]).save(target, overwrite=True)
+    # a run is picked up within PREFECT_RUNNER_POLL_FREQUENCY (prefect/settings/models/runner.py, 3.9.1: default
+    # 10 s); cancelling does not wait for it (FlowRunCancellingObserver listens to events, polls only as fallback)
     process = subprocess.Popen(
-        [sys.executable, "-m", "deployments.serve", "--config", str(example_app.pipeline_file), "--target", target],
-        cwd=REPO_ROOT, env=prefect_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "deployments.serve", "--config", str(app.pipeline_file), "--target", target],
+        cwd=REPO_ROOT, env={**prefect_env(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         for name in ("build-and-deploy/on-demand", "build-and-deploy/nightly", "compare-builders/compare"):
-            wait_for_deployment(name, config=str(example_app.pipeline_file.resolve()))
-        yield example_app
+            wait_for_deployment(name, config=str(app.pipeline_file.resolve()))
+        yield app
     finally:
         process.terminate()
         process.wait(30)
+
+
+@pytest.fixture
+def served(prefect_server, sandbox, example_app):
+    """The example app's deployments, served (`serving`)."""
+    with serving(example_app) as app:
+        yield app
 
 
 def test_three_components_build_in_parallel_and_agents_deploy_after_the_mcp_server(prefect_server, sandbox,
@@ -122,20 +135,39 @@ def test_a_script_run_of_the_served_deployment_exits_0_then_1_for_a_failing_comp
     assert failed.returncode == 1, failed.stdout + failed.stderr
 
 
-@pytest.mark.timeout(900)
-def test_prefect_deploy_all_creates_the_nightly_schedule_on_demand_and_compare(prefect_server):
+@dataclass
+class Deployed:
+    app: ExampleApp
+    target: str
+    deployments: dict
+    """The deployments as `prefect deploy --all` left them, by name."""
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server, example_app_in, tmp_path_factory) -> Deployed:
+    """The module's one `prefect deploy --all`, as an operator runs it: in a checkout (the "laptop") that is gone
+    when the runs start, with BUILDKIT_PIPELINE_CONFIG naming the pipeline file where the workers read it."""
+    app = example_app_in(tmp_path_factory.mktemp("deployed"))
+    target = sandbox_target(app)
     created = prefect("work-pool", "create", "buildkit-pipeline", "--type", "process", "--overwrite")
     assert created.returncode == 0, created.stdout + created.stderr
-    unset = prefect("--no-prompt", "deploy", "--all")
-    assert unset.returncode != 0 and "set BUILDKIT_PIPELINE_CONFIG before `prefect deploy`" in unset.stdout + unset.stderr
+    deployer = project_checkout(tmp_path_factory.mktemp("laptop") / "buildkit-pipeline")
     deployed = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "prefect"), "--no-prompt", "deploy", "--all"],
-                              cwd=REPO_ROOT, env={**prefect_env(), "BUILDKIT_PIPELINE_CONFIG": "/srv/app/pipeline.yaml"},
+                              cwd=deployer, env={**prefect_env(), "BUILDKIT_PIPELINE_CONFIG": str(app.pipeline_file)},
                               capture_output=True, text=True, timeout=240)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    shutil.rmtree(deployer)
     with get_client(sync_client=True) as client:
-        nightly = client.read_deployment_by_name("build-and-deploy/nightly")
-        on_demand = client.read_deployment_by_name("build-and-deploy/on-demand")
-        compare = client.read_deployment_by_name("compare-builders/compare")
+        deployments = {name: client.read_deployment_by_name(name) for name in DEPLOYMENTS}
+    return Deployed(app, target, deployments)
+
+
+@pytest.mark.timeout(900)
+def test_prefect_deploy_all_creates_the_nightly_schedule_on_demand_and_compare(deployed):
+    """Also: `run.sh` stops watching a run no worker picks up (the module's worker starts after this test)."""
+    unset = prefect("--no-prompt", "deploy", "--all")
+    assert unset.returncode != 0 and "set BUILDKIT_PIPELINE_CONFIG before `prefect deploy`" in unset.stdout + unset.stderr
+    nightly, on_demand, compare = (deployed.deployments[name] for name in DEPLOYMENTS)
     assert compare.entrypoint == "flows/compare.py:compare_builders" and compare.schedules == []
     [schedule] = nightly.schedules
     assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("0 2 * * *", "Europe/Berlin", True)
@@ -150,7 +182,13 @@ def test_prefect_deploy_all_creates_the_nightly_schedule_on_demand_and_compare(p
         "nightly", "on-demand", "on-demand")
     assert nightly.global_concurrency_limit.limit == 1 and on_demand.global_concurrency_limit is None
     assert nightly.concurrency_options.collision_strategy.value == "CANCEL_NEW"
-    assert nightly.parameters["config"] == on_demand.parameters["config"] == "/srv/app/pipeline.yaml"
+    assert nightly.parameters["config"] == on_demand.parameters["config"] == str(deployed.app.pipeline_file)
+
+    waited = run_script("on-demand", "--param", f"target={deployed.target}",
+                        env={"BUILDKIT_PIPELINE_WATCH_TIMEOUT": "3"}, timeout=120)
+    delete_runs_not_started("build-and-deploy/on-demand")
+    assert waited.returncode == 3, waited.stdout + waited.stderr
+    assert "exceeded watch timeout of 3 seconds" in waited.stdout
 
 
 def test_blocks_register_and_the_setup_script_builds_a_working_target(prefect_server, sandbox, monkeypatch):
@@ -239,46 +277,45 @@ def delete_runs_not_started(deployment_name: str) -> None:
                 client.delete_flow_run(run.id)
 
 
-@pytest.fixture
-def worker_checkout(tmp_path):
-    """A process worker in a second checkout at another path, with BUILDKIT_PIPELINE_HOME pointing at it."""
-    home = project_checkout(tmp_path / "worker-box" / "buildkit-pipeline")
+@pytest.fixture(scope="module")
+def worker_checkout(deployed, tmp_path_factory):
+    """The module's process worker, in a second checkout at another path, with BUILDKIT_PIPELINE_HOME pointing at
+    it."""
+    box = tmp_path_factory.mktemp("worker-box")
+    home = project_checkout(box / "buildkit-pipeline")
     env = {**prefect_env(), "BUILDKIT_PIPELINE_HOME": str(home), "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PATH": f"{REPO_ROOT / '.tools' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
-    log = (tmp_path / "worker.log").open("w")
+    log = (box / "worker.log").open("w")
     worker = subprocess.Popen([str(REPO_ROOT / ".venv" / "bin" / "prefect"), "worker", "start", "--pool",
                                "buildkit-pipeline", "--type", "process"], cwd=home, env=env, stdout=log,
                               stderr=subprocess.STDOUT)
     try:
         yield home
     finally:
+        # prefect/utilities/processutils/__init__.py `setup_signal_handlers_worker` (3.9.1): the first SIGTERM asks
+        # the worker to shut down gracefully (as SIGINT), the second sends it SIGKILL. The graceful shutdown was
+        # seen to hang for minutes with no flow run left (every worker in three runs of this module).
         worker.terminate()
-        worker.wait(60)
+        try:
+            worker.wait(5)
+        except subprocess.TimeoutExpired:
+            worker.terminate()
+            worker.wait(30)
         log.close()
 
 
 @pytest.mark.timeout(900)
-def test_deployed_from_one_checkout_a_worker_in_another_runs_it_and_refuses_a_dirty_tree(
-    prefect_server, sandbox, example_app, tmp_path, request
-):
-    """`prefect deploy --all` in a checkout that is gone when the run starts; the worker's own checkout
-    (BUILDKIT_PIPELINE_HOME) has the code, and the pipeline file is where the deployer said it is on the worker."""
-    app = example_app
-    target = sandbox_target(app)
-    assert prefect("work-pool", "create", "buildkit-pipeline", "--type", "process", "--overwrite").returncode == 0
-    deployer = project_checkout(tmp_path / "laptop" / "buildkit-pipeline")
-    deployed = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "prefect"), "--no-prompt", "deploy", "--all"],
-                              cwd=deployer, env={**prefect_env(), "BUILDKIT_PIPELINE_CONFIG": str(app.pipeline_file)},
-                              capture_output=True, text=True, timeout=240)
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    shutil.rmtree(deployer)
-    with get_client(sync_client=True) as client:
-        on_demand = client.read_deployment_by_name("build-and-deploy/on-demand")
+def test_deployed_from_one_checkout_a_worker_in_another_runs_it_and_refuses_a_dirty_tree(sandbox, deployed,
+                                                                                          worker_checkout):
+    """`prefect deploy --all` in a checkout that is gone when the run starts (`deployed`); the worker's own
+    checkout (BUILDKIT_PIPELINE_HOME) has the code, and the pipeline file is where the deployer said it is on the
+    worker."""
+    app, target = deployed.app, deployed.target
+    on_demand = deployed.deployments["build-and-deploy/on-demand"]
     assert on_demand.parameters["config"] == str(app.pipeline_file)
     assert on_demand.pull_steps == [{"prefect.deployments.steps.set_working_directory": {
         "directory": "{{ $BUILDKIT_PIPELINE_HOME }}"}}]
 
-    request.getfixturevalue("worker_checkout")
     untracked = app.root / "scratch.txt"
     untracked.write_text("not committed\n")
     refused = run_script("on-demand", "--param", f"target={target}", "--watch-timeout", "600", timeout=660)
@@ -300,29 +337,13 @@ def test_deployed_from_one_checkout_a_worker_in_another_runs_it_and_refuses_a_di
 
 
 @pytest.mark.timeout(900)
-def test_a_deployment_run_s_time_limit_comes_from_its_environment(prefect_server, sandbox, example_app, tmp_path,
-                                                                 request):
+def test_a_deployment_run_s_time_limit_comes_from_its_environment(sandbox, deployed, worker_checkout):
     """BUILDKIT_PIPELINE_FLOW_TIMEOUT_SECONDS as a job variable (here per run; per deployment in prefect.yaml's
     job_variables) sets the flow's timeout_seconds in the run's own process."""
-    app = example_app
-    target = sandbox_target(app)
-    assert prefect("work-pool", "create", "buildkit-pipeline", "--type", "process", "--overwrite").returncode == 0
-    deployed = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "prefect"), "--no-prompt", "deploy", "--all"],
-                              cwd=REPO_ROOT, env={**prefect_env(), "BUILDKIT_PIPELINE_CONFIG": str(app.pipeline_file)},
-                              capture_output=True, text=True, timeout=240)
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-
-    waited = run_script("on-demand", "--param", f"target={target}", env={"BUILDKIT_PIPELINE_WATCH_TIMEOUT": "3"},
-                        timeout=120)
-    delete_runs_not_started("build-and-deploy/on-demand")
-    assert waited.returncode == 3, waited.stdout + waited.stderr
-    assert "exceeded watch timeout of 3 seconds" in waited.stdout
-
-    request.getfixturevalue("worker_checkout")
     sandbox.buildkit.build_seconds[MCP_REPOSITORY] = 60
     try:
-        timed_out = run_script("on-demand", "--param", f"target={target}", "--param", 'components=["weather-mcp"]',
-                               "--param", "skip_unchanged=false",
+        timed_out = run_script("on-demand", "--param", f"target={deployed.target}", "--param",
+                               'components=["weather-mcp"]', "--param", "skip_unchanged=false",
                                "--job-variable", 'env={"BUILDKIT_PIPELINE_FLOW_TIMEOUT_SECONDS": "8"}',
                                "--watch-timeout", "600", timeout=660)
     finally:
@@ -375,23 +396,17 @@ def test_the_kubernetes_job_variables_render_a_flow_pod_in_its_own_namespace_bou
 
 
 @pytest.mark.timeout(900)
-def test_the_automation_script_notifies_on_failed_and_crashed_runs_and_crashes_zombies(prefect_server):
+def test_the_automation_script_notifies_on_failed_and_crashed_runs_and_crashes_zombies(deployed):
     from prefect.automations import Automation
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
 
     from deployments.automations import FAILED, ZOMBIES
     from deployments.automations import main as create_automations
 
-    assert prefect("work-pool", "create", "buildkit-pipeline", "--type", "process", "--overwrite").returncode == 0
-    deployed = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "prefect"), "--no-prompt", "deploy", "--all"],
-                              cwd=REPO_ROOT, env={**prefect_env(), "BUILDKIT_PIPELINE_CONFIG": "/srv/app/pipeline.yaml"},
-                              capture_output=True, text=True, timeout=240)
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     webhook = CustomWebhookNotificationBlock(name="ops", url="http://127.0.0.1:9/hook", json_data={"text": "{{body}}"})
     block_id = webhook.save("ops-alerts", overwrite=True)
     with get_client(sync_client=True) as client:
-        ids = {str(client.read_deployment_by_name(name).id) for name in
-               ("build-and-deploy/nightly", "build-and-deploy/on-demand", "compare-builders/compare")}
+        ids = {str(client.read_deployment_by_name(name).id) for name in DEPLOYMENTS}
 
     with pytest.raises(SystemExit) as refused:
         create_automations(["--notify", "custom-webhook/no-such-block"])

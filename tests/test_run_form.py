@@ -21,7 +21,7 @@ from flows.config import ConfigError, load_config
 from flows.source import ref_problem
 from sandbox.example import commit_all
 from sandbox.githttp import GitHost
-from tests.test_operations import served  # noqa: F401 - a fixture: the example app's deployments, served
+from tests.test_operations import serving
 from tests.test_security import exception_chain_text, run_artifacts, run_jobs, run_logs, task_run_messages
 
 DEPLOYMENTS = ("build-and-deploy/on-demand", "build-and-deploy/nightly", "compare-builders/compare")
@@ -31,6 +31,14 @@ MCP = "weather-mcp"
 def run_served(name: str, **parameters):
     """A run of a served deployment, as the UI's Run button or `prefect deployment run` starts it; when it ended."""
     return run_deployment(name, parameters=parameters, timeout=240, poll_interval=1, as_subflow=False)
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, example_app_in, tmp_path_factory):
+    """The example app's deployments, served by one process for this module: no test here changes what it serves
+    (their runs fail before any build, or are dry runs)."""
+    with serving(example_app_in(tmp_path_factory.mktemp("served"))) as app:
+        yield app
 
 
 def undescribed(schema: dict) -> list[str]:
