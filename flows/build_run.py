@@ -507,15 +507,20 @@ async def run_build(
 
 
 async def delete_run_objects(api: client.ApiClient, namespace: str, flow_run_id: str) -> int:
-    """Delete every build Job and Secret a flow run created; for cancelled and crashed runs."""
+    """Delete every build Job and Secret a flow run created; for cancelled and crashed runs.
+
+    Each request is retried on a transient API error: the cancellation hook can be the last one to try (the
+    runner kills the flow process once the hook is done), so a single 503 must not leave a build running.
+    """
     selector = f"buildkit-pipeline/flow-run={flow_run_id}"
     core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
     with carrying_secrets():
-        jobs = (await batch.list_namespaced_job(namespace, label_selector=selector)).items
-        secrets = (await core.list_namespaced_secret(namespace, label_selector=selector)).items
+        jobs = (await with_retries(lambda: batch.list_namespaced_job(namespace, label_selector=selector))).items
+        secrets = (await with_retries(lambda: core.list_namespaced_secret(namespace, label_selector=selector))).items
         for job in jobs:
-            await _delete_quietly(batch.delete_namespaced_job, job.metadata.name, namespace,
-                                  propagation_policy="Background")
+            await with_retries(functools.partial(_delete_quietly, batch.delete_namespaced_job, job.metadata.name,
+                                                 namespace, propagation_policy="Background"))
         for secret in secrets:
-            await _delete_quietly(core.delete_namespaced_secret, secret.metadata.name, namespace)
+            await with_retries(functools.partial(_delete_quietly, core.delete_namespaced_secret,
+                                                 secret.metadata.name, namespace))
     return len(jobs) + len(secrets)

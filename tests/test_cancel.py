@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 
@@ -10,6 +11,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import State, StateType
 
+from flows.build_run import delete_run_objects
+from flows.kube import kube_api
 from tests.conftest import HELM, wait_until
 from tests.test_operations import MCP_REPOSITORY, serving
 
@@ -89,6 +92,28 @@ def test_a_served_run_cancelled_through_the_api_deletes_its_build_job_and_secret
     assert state.is_cancelled(), f"{state.type}: {state.message}\n{log}"
     assert run_objects(sandbox, namespace, str(run.id)) == [], log
     assert f"deleted {len(created)} build objects of run" in log, log
+
+
+def test_run_cleanup_outlasts_transient_api_errors(sandbox):
+    """The cancellation hook may be the only one left to delete a run's objects (the runner kills the flow process
+    at once when the hook ran first), so a 503 or 429 from the API server must not leave one behind."""
+    namespace, run_id = "default", "5eed0000-0000-4000-8000-00000000c1ea"
+    labels = {FLOW_RUN_LABEL: run_id}
+    sandbox.kube.create("secrets", namespace, {"metadata": {"name": "cleanup-a", "labels": labels}, "data": {}})
+    sandbox.kube.create("secrets", namespace, {"metadata": {"name": "cleanup-b", "labels": labels}, "data": {}})
+    sandbox.kube.inject_fault("GET", rf"^/apis/batch/v1/namespaces/{namespace}/jobs$", 503)
+    sandbox.kube.inject_fault("DELETE", rf"^/api/v1/namespaces/{namespace}/secrets/cleanup-a$", 503, times=2)
+    sandbox.kube.inject_fault("DELETE", rf"^/api/v1/namespaces/{namespace}/secrets/cleanup-b$", 429, retry_after=1)
+    try:
+        deleted = asyncio.run(_delete_run_objects(sandbox.kubeconfig, namespace, run_id))
+    finally:
+        sandbox.kube.clear_faults()
+    assert (deleted, run_objects(sandbox, namespace, run_id)) == (2, [])
+
+
+async def _delete_run_objects(kubeconfig, namespace: str, run_id: str) -> int:
+    async with kube_api(str(kubeconfig)) as api:
+        return await delete_run_objects(api, namespace, run_id)
 
 
 def release_revisions(sandbox, namespace: str, release: str) -> list[tuple[int, str]]:
