@@ -21,7 +21,11 @@ meet and are left out.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -380,7 +384,27 @@ def test_excluded_folder_no_exception_can_reach_is_not_read(tmp_path):
     assert paths == {"app.py", "lib", "lib/x.py", ".dockerignore"}
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a mode-000 folder (as upstream skips it)")
+def reads_unreadable_folders() -> bool:
+    """Whether this process reads a mode-000 folder: root does, through CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH."""
+    folder = Path(tempfile.mkdtemp()) / "locked"
+    folder.mkdir(mode=0)
+    try:
+        os.listdir(folder)
+        return True
+    except PermissionError:
+        return False
+    finally:
+        folder.chmod(0o700)
+        shutil.rmtree(folder.parent)
+
+
+READS_UNREADABLE = reads_unreadable_folders()
+DROP_DAC_CAPABILITIES = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+                         "--inh-caps", "-dac_override,-dac_read_search"]
+
+
+@pytest.mark.skipif(READS_UNREADABLE, reason="this process reads a mode-000 folder (as upstream skips it for root); "
+                    "test_unreadable_folder_rows_without_root_s_file_capabilities runs these rows")
 @pytest.mark.parametrize(("lines", "error"), [
     (["**/bar"], False),
     (["**/bar", "!foo/bar/baz"], False),
@@ -396,6 +420,17 @@ def test_unreadable_folder(tmp_path, lines, error):
             with pytest.raises(PackagingError, match="Permission denied"):
                 packaged(tmp_path, [], "\n".join(lines) + "\n")
         else:
-            assert packaged(tmp_path, [], "\n".join(lines) + "\n") == {"foo"}
+            assert packaged(tmp_path, [], "\n".join(lines) + "\n") == {"foo", ".dockerignore"}
     finally:
         (ctx / "foo" / "bar").chmod(0o700)
+
+
+@pytest.mark.skipif(not READS_UNREADABLE or shutil.which("setpriv") is None,
+                    reason="test_unreadable_folder runs itself, or setpriv (util-linux) is missing")
+def test_unreadable_folder_rows_without_root_s_file_capabilities():
+    """CI runs as root, which reads any folder: run the permission rows again in a process whose capability bounding
+    set lacks CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so a mode-000 folder is unreadable as for any user."""
+    rows = subprocess.run([*DROP_DAC_CAPABILITIES, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           "-p", "no:xdist", f"{__file__}::test_unreadable_folder"],
+                          capture_output=True, text=True, timeout=300)
+    assert rows.returncode == 0 and "3 passed" in rows.stdout, rows.stdout + rows.stderr
