@@ -14,7 +14,7 @@ What it measures
    Every package_context round runs in a fresh Python process, like tar, so no
    state (imports, thread pools, allocator arenas) carries over between rounds.
    `package_s` is timed inside that process around the package_context call
-   only: the project's import (~1 s, mostly docker-py) is left out, as a
+   only: the project's import (about 0.3-1 s) is left out, as a
    long-running pipeline pays it once, and tar has no comparable start-up cost.
    `package_wall_s` (process start to exit, imports included) and `import_s`
    are printed too, so the figure with imports is visible.
