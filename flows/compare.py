@@ -175,8 +175,9 @@ async def compare_builders(
                     await run.build_for_comparison(component, builder, builds[component.name, builder])
 
             await asyncio.gather(*(compare(c) for c in selected))
-        facts = {key: await tasks.image_facts(connected.credentials, pipeline.registry, result.image)
-                 for key, result in builds.items() if result.image}
+        facts = {(name, builder): await tasks.image_facts(connected.credentials, pipeline.registry, result.image,
+                                                          component=name, builder=builder)
+                 for (name, builder), result in builds.items() if result.image}
     comparison = Comparison(commit=source.commit, ref=source.ref, runs=[
         builder_run(name, builder, result, facts.get((name, builder))) for (name, builder), result in builds.items()])
     await acreate_table_artifact(

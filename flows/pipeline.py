@@ -234,7 +234,7 @@ class Run:
             image = plan_component(self.config, component, self.source, archive, run_id=self.run_id).image
             with timed(result, "build"):
                 result.image = await tasks.reuse_unchanged(self.credentials, self.config.registry, image,
-                                                           archive.sha256)
+                                                           archive.sha256, component=component.name)
             if result.image:
                 result.outcome = "unchanged"
                 logger.info("%s: context unchanged, reusing %s@%s", component.name, image.repository,
@@ -283,8 +283,8 @@ class Run:
             repositories = [r for r in (self.config.image_repository(component),
                                         cache_repository(self.config, component)) if r]
             return await tasks.mint_build_token(
-                self.credentials, self.config.registry, role_arn=self.build_role_arn, repositories=repositories,
-                session=session_name(component.name, self.run_id), lasting_seconds=lasting)
+                self.credentials, self.config.registry, component=component.name, role_arn=self.build_role_arn,
+                repositories=repositories, session=session_name(component.name, self.run_id), lasting_seconds=lasting)
         if self._lasts(self.token, lasting):
             return self.token
         async with self.token_lock:
@@ -347,7 +347,8 @@ class Run:
         result.builder = plan.request.builder
         token = await self.registry_token(component, token)
         from_aws = [s for s in component.secrets if s.aws_secrets_manager]
-        secret_values = await tasks.read_build_secrets(self.credentials, from_aws) if from_aws else {}
+        secret_values = (await tasks.read_build_secrets(self.credentials, from_aws, component=component.name)
+                         if from_aws else {})
         progress = log_reader(plan.request.builder)
 
         def log_line(line: str) -> None:
@@ -381,9 +382,10 @@ class Run:
             return
         with timed(result, "deploy"):
             release = component.release
-            secret_values = await tasks.read_release_secrets(release) if release.set_secret else {}
+            secret_values = (await tasks.read_release_secrets(release, component=component.name)
+                             if release.set_secret else {})
             result.release = await tasks.deploy_release(
-                release, api=self.api, repo_root=self.source.path,
+                release, component=component.name, api=self.api, repo_root=self.source.path,
                 image_repository=result.image.repository, image_tag=result.image.pinned_tag,
                 kubeconfig=self.kubeconfig, secret_values=secret_values,
             )

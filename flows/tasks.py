@@ -48,19 +48,29 @@ STAGE = dict(cache_policy=NO_CACHE, retry_condition_fn=retry_transient, retry_de
 # never written to result storage, whatever PREFECT_RESULTS_PERSIST_BY_DEFAULT or a cache policy would do.
 NOT_PERSISTED = dict(STAGE, persist_result=False)
 
+# Task run names, so each node of the run graph reads its stage and component (`build weather-mcp (kaniko)`)
+# rather than Prefect's default `<task name>-<3 hex of its dynamic key>` (prefect 3.9.1 task_engine.py,
+# `_create_task_run_locally`). Prefect formats the template with the call's parameters once, before the first
+# attempt, so a retry keeps the name (task_engine.py `start` → `_set_custom_task_run_name`, `_task_name_set`).
+# A template names only parameters that hold no secret: never a token, a URL or credentials.
 
-@task(name="source", retries=2, timeout_seconds=600, **NOT_PERSISTED)
+
+def _source_run_name(parameters: dict) -> str:
+    return f"source {parameters['ref']}" if parameters.get("ref") else "source (the pipeline file's ref)"
+
+
+@task(name="source", task_run_name=_source_run_name, retries=2, timeout_seconds=600, **NOT_PERSISTED)
 async def prepare_source(config_path: Path, ref: str | None) -> tuple[PipelineConfig, source.SourceCheckout]:
     """The validated pipeline file and the checkout it names, its paths checked."""
     return await asyncio.to_thread(plan.prepare_source, config_path, ref)
 
 
-@task(name="package", timeout_seconds=900, cache_policy=NO_CACHE)
+@task(name="package", task_run_name="package {component.name}", timeout_seconds=900, cache_policy=NO_CACHE)
 async def package_component(config, component, checkout: source.SourceCheckout) -> package.PackagedContext:
     return await asyncio.to_thread(plan.package_component, config, component, checkout)
 
 
-@task(name="upload", retries=3, timeout_seconds=900, **STAGE)
+@task(name="upload", task_run_name="upload {component}", retries=3, timeout_seconds=900, **STAGE)
 async def upload_context(archive: package.PackagedContext, credentials: AwsCredentials, *, bucket: str,
                          prefix: str, component: str) -> upload.StoredContext:
     return await asyncio.to_thread(
@@ -68,20 +78,25 @@ async def upload_context(archive: package.PackagedContext, credentials: AwsCrede
     )
 
 
-@task(name="registry-auth", retries=3, timeout_seconds=60, **NOT_PERSISTED)
+@task(name="registry-auth", task_run_name="registry-auth all components", retries=3, timeout_seconds=60,
+      **NOT_PERSISTED)
 async def mint_registry_token(credentials: AwsCredentials, registry: str) -> registry_auth.RegistryToken:
     return await asyncio.to_thread(registry_auth.mint_ecr_token, credentials, registry)
 
 
-@task(name="registry-auth", retries=3, timeout_seconds=60, **NOT_PERSISTED)
-async def mint_build_token(credentials: AwsCredentials, registry: str, **kwargs) -> registry_auth.RegistryToken:
-    """One build's token, from a session of the build role limited to the build's repositories."""
+@task(name="registry-auth", task_run_name="registry-auth {component}", retries=3, timeout_seconds=60,
+      **NOT_PERSISTED)
+async def mint_build_token(credentials: AwsCredentials, registry: str, *, component: str,
+                           **kwargs) -> registry_auth.RegistryToken:
+    """One build's token, from a session of the build role limited to the build's repositories; `component` names
+    the task run."""
     return await asyncio.to_thread(functools.partial(registry_auth.mint_build_token, credentials, registry, **kwargs))
 
 
-@task(name="reuse-unchanged", retries=3, timeout_seconds=60, **STAGE)
+@task(name="reuse-unchanged", task_run_name="reuse-unchanged {component}", retries=3, timeout_seconds=60,
+      **STAGE)
 async def reuse_unchanged(credentials: AwsCredentials, registry: str, image: build.ImageRef,
-                          archive_sha256: str) -> build.BuiltImage | None:
+                          archive_sha256: str, *, component: str) -> build.BuiltImage | None:
     """The image already built from this exact context, tagged for this run; None when there is none, or when its
     config's context-sha256 label does not name this archive (a `ctx-` tag anyone with push rights could move)."""
     digest = await asyncio.to_thread(build_run.existing_image, credentials, registry, image)
@@ -100,13 +115,18 @@ async def reuse_unchanged(credentials: AwsCredentials, registry: str, image: bui
     return build.BuiltImage(repository=image.repository, tags=image.tags, digest=digest, job=None, reused=True)
 
 
-@task(name="image-facts", retries=3, timeout_seconds=60, **STAGE)
-async def image_facts(credentials: AwsCredentials, registry: str, image: build.BuiltImage) -> build_run.ImageFacts:
+@task(name="image-facts", task_run_name="image-facts {component} ({builder})", retries=3, timeout_seconds=60,
+      **STAGE)
+async def image_facts(credentials: AwsCredentials, registry: str, image: build.BuiltImage, *, component: str,
+                      builder: str) -> build_run.ImageFacts:
+    """`component` and `builder` name the task run."""
     return await asyncio.to_thread(build_run.image_facts, credentials, registry, image)
 
 
-@task(name="build-secrets", retries=3, timeout_seconds=60, **NOT_PERSISTED)
-async def read_build_secrets(credentials: AwsCredentials, secrets: list[BuildSecretSpec]) -> dict[str, str]:
+@task(name="build-secrets", task_run_name="build-secrets {component}", retries=3, timeout_seconds=60,
+      **NOT_PERSISTED)
+async def read_build_secrets(credentials: AwsCredentials, secrets: list[BuildSecretSpec], *,
+                             component: str) -> dict[str, str]:
     """Values of the build secrets kept in AWS Secrets Manager, for the build's own Kubernetes Secret."""
     wanted = [s for s in secrets if s.aws_secrets_manager]
     if not wanted:
@@ -119,21 +139,23 @@ async def read_build_secrets(credentials: AwsCredentials, secrets: list[BuildSec
         }
 
 
-@task(name="build", retries=2, **STAGE)
-async def run_build(api, **kwargs) -> build.BuiltImage:
+# `request` holds the presigned URL; the template reads only its `builder`.
+@task(name="build", task_run_name="build {component} ({request.builder})", retries=2, **STAGE)
+async def run_build(api, *, component: str, request: build.BuildRequest, **kwargs) -> build.BuiltImage:
     """Every Secret, Job and Pod of a build holds the registry token, a build secret or the presigned URL."""
     with carrying_secrets():
-        return await build_run.run_build(api, **kwargs)
+        return await build_run.run_build(api, component=component, request=request, **kwargs)
 
 
-@task(name="release-secrets", retries=2, timeout_seconds=60, **NOT_PERSISTED)
-async def read_release_secrets(release: ReleaseSpec) -> dict[str, SecretStr]:
+@task(name="release-secrets", task_run_name="release-secrets {component}", retries=2, timeout_seconds=60,
+      **NOT_PERSISTED)
+async def read_release_secrets(release: ReleaseSpec, *, component: str) -> dict[str, SecretStr]:
     """The release's `set_secret` values, from Prefect Secret blocks."""
     return {key: SecretStr(str((await Secret.aload(block)).get())) for key, block in release.set_secret.items()}
 
 
-@task(name="deploy", cache_policy=NO_CACHE)
-async def deploy_release(release: ReleaseSpec, **kwargs) -> deploy.DeployedRelease:
+@task(name="deploy", task_run_name="deploy {component}", cache_policy=NO_CACHE)
+async def deploy_release(release: ReleaseSpec, *, component: str, **kwargs) -> deploy.DeployedRelease:
     """The objects the rollout check reads may hold what the chart rendered from `set_secret` values."""
     with carrying_secrets() if kwargs.get("secret_values") else contextlib.nullcontext():
         return await deploy.upgrade_release(release, **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 
 import pytest
 
@@ -14,6 +15,7 @@ from flows.cli import main
 from flows.compare import compare_builders
 from sandbox.example import commit_all
 from tests.conftest import jobs
+from tests.test_task_names import task_run_names
 
 
 def comparison_artifact(flow_run_id) -> list[dict]:
@@ -76,6 +78,11 @@ def test_every_component_is_built_by_both_builders_one_after_the_other_and_compa
     for release in (c.release for c in app.config.components if c.release):
         assert sandbox.kube.get("deployments", release.namespace, release.name) is None
     assert not sandbox.kube.list("secrets", app.config.build.namespace)
+
+    expected = Counter(["source (the pipeline file's ref)"] + [f"package {n}" for n in names] + [
+        name for n in names for b in ("buildkit", "kaniko")
+        for name in (f"upload {n}", f"registry-auth {n}", f"build {n} ({b})", f"image-facts {n} ({b})")])
+    assert task_run_names(state.state_details.flow_run_id, sum(expected.values())) == expected
 
 
 def test_a_component_kaniko_cannot_build_is_refused_before_a_flow_run(example_app, sandbox, capsys):

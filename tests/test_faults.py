@@ -26,7 +26,8 @@ from flows import tasks
 from flows.pipeline import PipelineFailed
 from flows.upload import context_key
 from sandbox.faultproxy import FaultProxy
-from tests.conftest import by_name, jobs
+from tests.conftest import by_name, jobs, wait_until
+from tests.test_task_names import task_runs
 
 MCP = "weather-mcp"
 MCP_REPOSITORY = "123456789012.dkr.ecr.us-west-2.amazonaws.com/agents-on-eks/weather-mcp"
@@ -135,7 +136,8 @@ def test_s3_failing_for_good_fails_the_run_readably_before_any_secret_or_job(
     proxy = s3_through_proxy(retries={"mode": "standard", "max_attempts": 2})
     proxy.fail("PUT", rf"^/{bucket}/", 503, times=None)
 
-    message = failure_message(app.run(components=[MCP], deploy=False))
+    state = app.run(components=[MCP], deploy=False)
+    message = failure_message(state)
 
     folder = f"{bucket}/{prefix}{MCP}/"
     assert f"{MCP}: ContextUploadFailed: S3 answered HTTP 503 SlowDown" in message
@@ -145,6 +147,11 @@ def test_s3_failing_for_good_fails_the_run_readably_before_any_secret_or_job(
         "a 503 is transient: the upload stage is retried"
     puts = served(proxy, "PUT", f"/{folder}")
     assert len(puts) > 1 and set(puts) == {503}
+    attempts = tasks.upload_context.retries + 1
+    uploads = wait_until(lambda: [r for r in task_runs(state.state_details.flow_run_id)
+                                  if r.state and r.state.is_failed() and r.run_count == attempts],
+                         what="the upload's failed task run, every attempt recorded")
+    assert [r.name for r in uploads] == [f"upload {MCP}"], "every retry keeps the task run's name"
     assert creates(sandbox, app, "secrets") == [] and creates(sandbox, app, "jobs") == []
 
 
