@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId  # noqa: E402
 from prefect.client.schemas.objects import State  # noqa: E402
+from prefect.logging.handlers import APILogWorker  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from flows.config import PipelineConfig, load_config  # noqa: E402
@@ -139,7 +140,12 @@ def every_key(value) -> set[str]:
 
 
 def run_logs(flow_run_id) -> list[str]:
-    """Every log message of a run, all pages of them."""
+    """Every log message of a run, all pages of them.
+
+    A run in this process hands its records to Prefect's log worker, which sends them in batches
+    (PREFECT_LOGGING_TO_API_BATCH_INTERVAL): the run's last lines may still be queued when it returns.
+    """
+    APILogWorker.drain_all(timeout=5)
     with get_client(sync_client=True) as client:
         messages, offset = [], 0
         while page := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
