@@ -91,6 +91,8 @@ class Sandbox:
                 self.kube.create("namespaces", None, {"metadata": {"name": namespace}})
         self.buildkit.region = self.kaniko.region = config.aws.region
         return {"aws_credentials": self.aws.credentials(config.aws.region), "kubeconfig": str(self.kubeconfig),
+                # the role a build's STS session is scoped from (docs.aws IAM User Guide,
+                # id_credentials_temp_control-access_assumerole.html: session policy ∩ role policy)
                 "build_role_arn": BUILD_ROLE_ARN}
 
 

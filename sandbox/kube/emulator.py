@@ -190,7 +190,9 @@ class KubeEmulator:
                               username: str | None = None, groups: tuple[str, ...] = ()) -> pathlib.Path:
         """A kubeconfig whose user gets tokens from an exec plugin (sandbox/kube/exec_credential.py, the
         sandbox's `aws eks get-token`) that work for `lifetime_seconds`; with `username`, the access entry that
-        maps the IAM principal to that user and `groups` for RBAC."""
+        maps the IAM principal to that user and `groups` for RBAC (aws/aws-cli
+        awscli/customizations/eks/get_token.py v2; docs.aws EKS CreateAccessEntry; kubernetes/client-go
+        plugin/pkg/client/auth/exec/exec.go v0.35.2 runs the plugin)."""
         if username is not None:
             self.rbac.authenticator.exec_tokens.add_access_entry(principal, username, groups)
         return rbac.write_exec_kubeconfig(self.rbac, self.https_url, self.certificate.ca_pem, path, principal,
@@ -202,7 +204,8 @@ class KubeEmulator:
         return self.rbac.authenticator.exec_tokens.recorded()
 
     def revoke_exec_tokens(self) -> None:
-        """The exec tokens issued so far answer 401 from now on; the plugin's next one works (`ExecTokens.revoke`)."""
+        """The exec tokens issued so far answer 401 from now on; the plugin's next one works (`ExecTokens.revoke`;
+        source: docs.aws IAM "revoking role session credentials", a deny on aws:TokenIssueTime)."""
         self.rbac.authenticator.exec_tokens.revoke()
 
     # ---------------------------------------------------------------- state

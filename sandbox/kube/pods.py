@@ -70,7 +70,9 @@ class PodHandle:
 
     def process(self, container: dict) -> tuple[list[str], list[str], dict[str, str]]:
         """What the kubelet starts `container` with: its command and args expanded against its environment
-        (sandbox/kube/kubelet.py container_env, expand_command_and_args), and that environment."""
+        (sandbox/kube/kubelet.py container_env, expand_command_and_args), and that environment, as
+        kubernetes/kubernetes pkg/kubelet/kubelet_pods.go makeEnvironmentVariables and
+        pkg/kubelet/container/helpers.go ExpandContainerCommandAndArgs (v1.35) do before the container starts."""
         env = kubelet.container_env(self.pod, container,
                                     lambda name: self.emulator.get("secrets", self.namespace, name))
         command, args = kubelet.expand_command_and_args(container, env)

@@ -440,7 +440,9 @@ class ExecTokenUse:
 
 
 class ExecTokens:
-    """Tokens of the sandbox's `aws eks get-token` (sandbox/kube/exec_credential.py), authenticated as EKS does.
+    """Tokens of the sandbox's `aws eks get-token` (sandbox/kube/exec_credential.py), authenticated as EKS does
+    (kubernetes-sigs/aws-iam-authenticator pkg/token/token.go: 15 minutes after X-Amz-Date; a refused token gets
+    kubernetes/kubernetes staging/src/k8s.io/apiserver/pkg/endpoints/filters/authentication.go's 401 Unauthorized).
 
     The token proves an IAM principal until its lifetime has passed by the server's clock
     (kubernetes-sigs/aws-iam-authenticator pkg/token/token.go: 15 minutes after X-Amz-Date); an access entry maps
@@ -645,7 +647,8 @@ AGGREGATE_TO_VIEW = [
 
 
 def _view_roles() -> list[dict]:
-    """`system:aggregate-to-view` and `view` as the ClusterRole aggregation controller leaves it."""
+    """`system:aggregate-to-view` and `view` as the ClusterRole aggregation controller leaves it (kubernetes/kubernetes
+    plugin/pkg/auth/authorizer/rbac/bootstrappolicy/policy.go: no Secrets in `view`)."""
     aggregated = _cluster_role("system:aggregate-to-view", AGGREGATE_TO_VIEW)
     aggregated["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] = "true"
     view = _cluster_role("view", AGGREGATE_TO_VIEW)
@@ -713,7 +716,8 @@ def write_service_account_kubeconfig(rbac: Rbac, server: str, ca_pem: bytes, pat
 def write_exec_kubeconfig(rbac: Rbac, server: str, ca_pem: bytes, path: str | os.PathLike, principal: str,
                           lifetime_seconds: float) -> pathlib.Path:
     """A kubeconfig whose user runs the sandbox's exec plugin, as the one `aws eks update-kubeconfig` writes runs
-    `aws eks get-token`; the plugin's signing key in a file beside it, both 0600."""
+    `aws eks get-token` (aws/aws-cli awscli/customizations/eks/update_kubeconfig.py, v2); the plugin's signing key in
+    a file beside it, both 0600."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     key_file = path.with_name(path.name + ".key")
