@@ -328,6 +328,17 @@ async def _watch_into(queue: asyncio.Queue, api: client.ApiClient, list_fn, name
             await asyncio.sleep(1)
 
 
+async def next_or_none(queue: asyncio.Queue, timeout: float | None):
+    """The queue's next item; TimeoutError after `timeout` seconds.
+
+    Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that arrives as the item does (CPython
+    gh-86296), so a cancelled watch went back to waiting on a queue that never filled again, and the build that
+    cancelled it waited forever. `asyncio.timeout` lets the cancellation through.
+    """
+    async with asyncio.timeout(timeout):
+        return await queue.get()
+
+
 async def watch_pending(api: client.ApiClient, namespace: str, job: str, timeout: float) -> Stuck:
     """Watch the Job's pods and the events of the Job and its pods until `flows/pending.py` gives up on them.
 
@@ -348,7 +359,7 @@ async def watch_pending(api: client.ApiClient, namespace: str, job: str, timeout
     try:
         while True:
             try:
-                kind, kind_of_change, obj = await asyncio.wait_for(queue.get(), recheck)
+                kind, kind_of_change, obj = await next_or_none(queue, recheck)
             except asyncio.TimeoutError:
                 pass
             else:

@@ -6,12 +6,14 @@ took, and the Jobs and pods the emulator holds.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 import pytest
 
 from flows import pending
+from flows.build_run import next_or_none
 from flows.pipeline import PipelineFailed
 from tests.conftest import jobs
 from tests.conftest import wait_until
@@ -181,3 +183,21 @@ def test_pending_verdicts(pod, events, waited, verdict):
     found = pending.pod_verdict(pod, events, waited=waited, timeout=300)
     assert {"fail": bool(found.fail), "wait": found.recheck_in is not None and not found.fail,
             "ok": not found.fail and found.recheck_in is None}[verdict]
+
+
+def test_a_guard_cancelled_as_its_next_event_arrives_stops():
+    """The pending guard is cancelled once the Job ends, often just as another event arrives; on Python 3.11
+    `asyncio.wait_for` returned that event instead of stopping (the bench's 50-build run hung on it)."""
+    async def cancelled_with_an_event_ready() -> str:
+        queue: asyncio.Queue = asyncio.Queue()
+        waiting = asyncio.create_task(next_or_none(queue, 300))
+        await asyncio.sleep(0)
+        queue.put_nowait("event")
+        waiting.cancel()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiting), 5)
+        except asyncio.CancelledError:
+            return "stopped"
+        return "kept going"
+
+    assert asyncio.run(cancelled_with_an_event_ready()) == "stopped"
