@@ -20,6 +20,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from typing import Callable
 
 from kubernetes_asyncio import client
@@ -27,6 +28,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from prefect_aws import AwsCredentials
 from pydantic import BaseModel
 
+from flows.aio import within
 from flows.aws import aws_client
 from flows.build import (
     CONTEXT_URL_KEY,
@@ -47,7 +49,8 @@ from flows.registry_auth import RegistryToken, owned_by, registry_secret_manifes
 from flows.secrecy import carrying_secrets, withhold_presigned_query
 
 LOG_TAIL_LINES = 50
-LOG_DRAIN_SECONDS = 2.0
+LOG_IDLE_SECONDS = 2.0
+LOG_DRAIN_LIMIT_SECONDS = 60.0
 
 
 def existing_image(credentials: AwsCredentials, registry: str, image: ImageRef) -> str | None:
@@ -260,14 +263,25 @@ def _disrupted(pod: dict | None) -> bool:
                for c in ((pod or {}).get("status") or {}).get("conditions") or [])
 
 
-async def follow_log(api: client.ApiClient, namespace: str, job: str, on_line: Callable[[str], None]) -> None:
+@dataclass
+class LogProgress:
+    """When a log follower last received bytes: after the build ends, it reads on while they keep coming."""
+
+    at: float = field(default_factory=time.monotonic)
+
+    def received(self) -> None:
+        self.at = time.monotonic()
+
+
+async def follow_log(api: client.ApiClient, namespace: str, job: str, on_line: Callable[[str], None],
+                     progress: LogProgress) -> None:
     """Hand every line the build container writes to `on_line` as it is written; after a pod that was
     disrupted, the same for the pod that replaces it."""
     followed: set[str] = set()
     while True:
         pod = await _started_pod(api, namespace, job, frozenset(followed))
         followed.add(pod)
-        await _follow_pod_log(api, namespace, pod, on_line)
+        await _follow_pod_log(api, namespace, pod, on_line, progress)
         try:
             ended = as_dict(api, await client.CoreV1Api(api).read_namespaced_pod(pod, namespace))
         except ApiException:
@@ -277,17 +291,18 @@ async def follow_log(api: client.ApiClient, namespace: str, job: str, on_line: C
         on_line(f"--- pod {pod} was disrupted; following the pod that replaces it ---")
 
 
-async def _follow_pod_log(api: client.ApiClient, namespace: str, pod: str, on_line: Callable[[str], None]) -> None:
+async def _follow_pod_log(api: client.ApiClient, namespace: str, pod: str, on_line: Callable[[str], None],
+                          progress: LogProgress) -> None:
     response = await client.CoreV1Api(api).read_namespaced_pod_log(
         pod, namespace, follow=True, _preload_content=False
     )
     try:
-        await read_lines(response.content, on_line)
+        await read_lines(response.content, on_line, progress)
     finally:
         response.release()
 
 
-async def read_lines(stream, on_line: Callable[[str], None]) -> None:
+async def read_lines(stream, on_line: Callable[[str], None], progress: LogProgress | None = None) -> None:
     """Hand `on_line` every line of a byte stream, however long.
 
     Iterating an aiohttp StreamReader reads lines with `readuntil`, which raises
@@ -297,6 +312,8 @@ async def read_lines(stream, on_line: Callable[[str], None]) -> None:
     """
     pending: list[bytes] = []
     async for chunk in stream.iter_any():
+        if progress is not None:
+            progress.received()
         if b"\n" not in chunk:
             pending.append(chunk)
             continue
@@ -328,17 +345,6 @@ async def _watch_into(queue: asyncio.Queue, api: client.ApiClient, list_fn, name
             await asyncio.sleep(1)
 
 
-async def next_or_none(queue: asyncio.Queue, timeout: float | None):
-    """The queue's next item; TimeoutError after `timeout` seconds.
-
-    Not `asyncio.wait_for`: on Python 3.11 it swallows a cancellation that arrives as the item does (CPython
-    gh-86296), so a cancelled watch went back to waiting on a queue that never filled again, and the build that
-    cancelled it waited forever. `asyncio.timeout` lets the cancellation through.
-    """
-    async with asyncio.timeout(timeout):
-        return await queue.get()
-
-
 async def watch_pending(api: client.ApiClient, namespace: str, job: str, timeout: float) -> Stuck:
     """Watch the Job's pods and the events of the Job and its pods until `flows/pending.py` gives up on them.
 
@@ -359,7 +365,7 @@ async def watch_pending(api: client.ApiClient, namespace: str, job: str, timeout
     try:
         while True:
             try:
-                kind, kind_of_change, obj = await next_or_none(queue, recheck)
+                kind, kind_of_change, obj = await within(queue.get(), recheck)
             except asyncio.TimeoutError:
                 pass
             else:
@@ -434,13 +440,24 @@ async def _log_tail(api: client.ApiClient, namespace: str, pods: list[dict]) -> 
     return ""
 
 
-async def _stop(task: asyncio.Task, grace: float) -> None:
-    """Let a log follower drain what is left, then stop it."""
-    with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
-        await asyncio.wait_for(asyncio.shield(task), grace)
-    task.cancel()
+async def drain(follower: asyncio.Task, progress: LogProgress, idle: float, limit: float) -> None:
+    """Let a log follower read the rest of an ended build's log, then stop it.
+
+    The kubelet ends a follow once it has sent the log of a terminated container, so
+    the follower normally ends by itself; it is stopped once nothing has arrived for
+    `idle` seconds (a stream that hangs) or after `limit`. Not a fixed grace: a long
+    log still arriving on a busy node would lose its last lines, and those say why.
+    `asyncio.wait`, not `wait_for`, which on Python 3.11 can swallow a cancellation.
+    """
+    give_up = time.monotonic() + limit
+    while not follower.done():
+        left = min(progress.at + idle, give_up) - time.monotonic()
+        if left <= 0:
+            break
+        await asyncio.wait({follower}, timeout=left)
+    follower.cancel()
     with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
+        await follower
 
 
 async def run_build(
@@ -467,7 +484,7 @@ async def run_build(
     secrets = [registry_secret(request, namespace, token, labels)]
     if secret_values:
         secrets.append(build_secrets_manifest(f"{name}-secrets", namespace, secret_values, labels))
-    follower = None
+    follower, progress = None, LogProgress()
     try:
         for secret in secrets:
             await _create_secret(core, namespace, secret)
@@ -478,7 +495,7 @@ async def run_build(
         for secret in secrets:
             await with_retries(functools.partial(core.patch_namespaced_secret, secret["metadata"]["name"],
                                                  namespace, owned_by(created)))
-        follower = asyncio.create_task(follow_log(api, namespace, name, on_log_line))
+        follower = asyncio.create_task(follow_log(api, namespace, name, on_log_line, progress))
         job = created if job_outcome(created) else await _job_or_stuck(
             api, namespace, name, created["metadata"]["resourceVersion"], deadline,
             request.settings.pending_timeout_seconds)
@@ -487,7 +504,7 @@ async def run_build(
             current = {"metadata": {"name": name, "namespace": namespace}}
             raise BuildFailed(f"{component}: build Job {namespace}/{name} never started, so it was deleted: "
                               f"{job.reason}: {explain('', current, job.pods, job.events)}")
-        await _stop(follower, LOG_DRAIN_SECONDS)
+        await drain(follower, progress, LOG_IDLE_SECONDS, LOG_DRAIN_LIMIT_SECONDS)
         pods = await _pods(api, namespace, name)
         if job_outcome(job) == "Complete":
             succeeded = [pod for pod in pods if terminated_state(pod).get("exitCode") == 0]

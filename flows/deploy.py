@@ -24,6 +24,7 @@ import yaml
 from kubernetes_asyncio import client
 from pydantic import BaseModel, ConfigDict, SecretStr
 
+from flows.aio import within
 from flows.config import ReleaseSpec
 from flows.kube import with_retries
 from flows.limits import ensure_limit, held_slot, run_logger
@@ -172,7 +173,7 @@ async def run_helm(argv: list[str], timeout: float) -> str:
     )
     output = asyncio.ensure_future(process.communicate())
     try:
-        stdout, stderr = await asyncio.wait_for(asyncio.shield(output), timeout)
+        stdout, stderr = await within(asyncio.shield(output), timeout)
     except asyncio.TimeoutError:
         await stop_helm(process, output, argv)
         raise DeployFailed(f"`helm {argv[1]}` did not finish within {timeout:.0f}s") from None
@@ -192,7 +193,7 @@ async def stop_helm(process: asyncio.subprocess.Process, output: asyncio.Future,
         with contextlib.suppress(ProcessLookupError):
             process.terminate()
         try:
-            await asyncio.wait_for(asyncio.shield(output), HELM_STOP_SECONDS)
+            await within(asyncio.shield(output), HELM_STOP_SECONDS)
         except asyncio.TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()

@@ -19,6 +19,7 @@ import io
 import json
 import shlex
 import tarfile
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -286,6 +287,9 @@ def push_cache_manifest(aws: AwsSandbox, region: str, name: str, manifest: str, 
     return None
 
 
+HOLD_LIMIT_SECONDS = 120
+
+
 class Pace:
     """A build's simulated seconds spread over its steps, so that the pod's whole run takes that long.
 
@@ -295,9 +299,10 @@ class Pace:
     steps are known; `finish` waits out what is left, just before the push.
     """
 
-    def __init__(self, total: float) -> None:
+    def __init__(self, total: float, hold: threading.Event | None = None) -> None:
         self._deadline = time.monotonic() + total
         self._total, self._share, self._left = total, 0.0, 1
+        self._hold = hold
 
     def spread_over(self, steps: int) -> None:
         self._share, self._left = self._total / (steps + 1), steps + 1
@@ -314,6 +319,8 @@ class Pace:
 
     def finish(self) -> None:
         time.sleep(max(0.0, self._deadline - time.monotonic()))
+        if self._hold is not None and not self._hold.wait(timeout=HOLD_LIMIT_SECONDS):
+            raise RuntimeError(f"held for more than {HOLD_LIMIT_SECONDS}s: the test never released this build")
 
 
 @dataclass
@@ -328,6 +335,9 @@ class SimulatedBuilder:
     each build that succeeded, with its start and end. `hijacks` makes a build of
     that repository a compromised one: before its own push it pushes its image over
     each named `<registry>/<repository>:<tag>` with the build's registry credentials.
+    `holds` keeps a build of that repository running, after its steps and before
+    its push, until the test sets the event: a test that acts during a build does
+    not race the build's end.
 
     The container works on a model of its filesystem (sandbox/kube/containerfs.py)
     with the image's directories (`image_filesystem`) and the kubelet's mounts; its
@@ -344,6 +354,7 @@ class SimulatedBuilder:
     run_output: dict[str, str] = field(default_factory=dict)
     builds: list[dict] = field(default_factory=list)
     hijacks: dict[str, list[str]] = field(default_factory=dict)
+    holds: dict[str, threading.Event] = field(default_factory=dict)
 
     @staticmethod
     def recognises(pod: dict) -> bool:
@@ -356,6 +367,9 @@ class SimulatedBuilder:
 
     def install(self) -> None:
         self.emulator.on_pod(self.recognises, self.run)
+
+    def pace(self, repository: str) -> Pace:
+        return Pace(self.build_seconds.get(repository, 0.0), self.holds.get(repository))
 
     def run(self, handle: PodHandle) -> None:
         handle.running()

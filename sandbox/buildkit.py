@@ -33,7 +33,6 @@ from sandbox.builders import (
     OCI,
     ContractError,
     Killed,
-    Pace,
     SimulatedBuilder,
     docker_config_auths,
     dockerfile_instructions,
@@ -225,7 +224,7 @@ class SimulatedBuildKit(SimulatedBuilder):
         names = args.output.get("name", "").split(",")
         repository = names[0].rsplit(":", 1)[0]
         registry = names[0].split("/", 1)[0]
-        pace = Pace(self.build_seconds.get(repository, 0.0))
+        pace = self.pace(repository)
         progress = RawJsonProgress(handle)
 
         try:

@@ -294,7 +294,7 @@ class SimulatedKaniko(SimulatedBuilder):
         flags = parse_flags(args)
         log = KanikoLog(handle, flags["log-format"])
         destinations = flags["destination"]
-        pace = Pace(self.build_seconds.get(destinations[0].rpartition(":")[0] if destinations else "", 0.0))
+        pace = self.pace(destinations[0].rpartition(":")[0] if destinations else "")
         if not flags["no-push"] and not destinations:
             raise Exited("Error: you must provide --destination, or use --no-push")
         tree, context_dir = self._resolve_source_context(flags, log)

@@ -13,10 +13,9 @@ import time
 import pytest
 
 from flows import pending
-from flows.build_run import next_or_none
+from flows.aio import within
 from flows.pipeline import PipelineFailed
-from tests.conftest import jobs
-from tests.conftest import wait_until
+from tests.conftest import jobs, wait_until
 from tests.test_build_sandbox import MCP_REPOSITORY
 from tests.test_deploy import deployed_image, edit_pipeline
 
@@ -190,7 +189,7 @@ def test_a_guard_cancelled_as_its_next_event_arrives_stops():
     `asyncio.wait_for` returned that event instead of stopping (the bench's 50-build run hung on it)."""
     async def cancelled_with_an_event_ready() -> str:
         queue: asyncio.Queue = asyncio.Queue()
-        waiting = asyncio.create_task(next_or_none(queue, 300))
+        waiting = asyncio.create_task(within(queue.get(), 300))
         await asyncio.sleep(0)
         queue.put_nowait("event")
         waiting.cancel()

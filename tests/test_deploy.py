@@ -13,13 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect.blocks.system import Secret
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flows.deploy import DeployFailed
 from flows.pipeline import PipelineFailed
 from sandbox.example import commit_all
-from tests.conftest import HELM
+from tests.conftest import HELM, run_logs
 
 MCP, AGENT = "weather-mcp", "weather-agent"
 MCP_CONTEXT = "agents/weather/mcp-servers/weather-mcp-server"
@@ -166,10 +164,8 @@ def test_secret_values_reach_the_release_but_no_argv_log_or_result(prefect_serve
     assert values["db"]["password"] == password
     assert all(password not in " ".join(call["argv"]) for call in map(json.loads, log.read_text().splitlines()))
     assert password not in result.model_dump_json()
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(
-            flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
-    assert logs and all(password not in entry.message for entry in logs)
+    logs = run_logs(state.state_details.flow_run_id)
+    assert logs and all(password not in message for message in logs)
     assert set(Path(tempfile.gettempdir()).glob("helm-secret-values-*")) == leftover_before
 
 

@@ -186,8 +186,8 @@ def build_pod_running(sandbox, app) -> bool:
 
 
 def test_a_run_longer_than_its_exec_token_builds_and_deploys(prefect_server, sandbox, example_app, tmp_path):
-    """Tokens of 3 s, builds of 8 s: the build's watches reopen after the token expired, a token is revoked
-    mid-build, and the cleanup, helm and the rollout check come after; the run refreshes and passes.
+    """Tokens of 3 s, builds held until the helper is done: the build's watches reopen after the token expired, a
+    token is revoked mid-build, and the cleanup, helm and the rollout check come after; the run refreshes and passes.
     On the code before the fix every request after the first token's lifetime got 401 and both builds failed."""
     app = example_app
     provision_exec_user(sandbox, app)
@@ -213,17 +213,21 @@ def test_a_run_longer_than_its_exec_token_builds_and_deploys(prefect_server, san
             wait_until(lambda: "revoked" in outcomes(flow_uses()), timeout=10, what="a refused request")
         except AssertionError as exc:
             problems.append(str(exc))
+        finally:
+            release.set()
 
+    release = threading.Event()
     for repository in (MCP_REPOSITORY, AGENT_REPOSITORY):
-        sandbox.buildkit.build_seconds[repository] = 8
+        sandbox.buildkit.holds[repository] = release
     helper = threading.Thread(target=mid_build, daemon=True)
     helper.start()
     try:
         state = run_as(app, kubeconfig)
         requests = sandbox.kube.requests[first:]
     finally:
+        release.set()
         for repository in (MCP_REPOSITORY, AGENT_REPOSITORY):
-            sandbox.buildkit.build_seconds.pop(repository, None)
+            sandbox.buildkit.holds.pop(repository, None)
         helper.join(timeout=30)
 
     assert state.is_completed(), state.message

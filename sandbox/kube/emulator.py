@@ -51,6 +51,8 @@ class KubeEmulator:
     (DefaultJobPodFailureBackOff, 10 s), `image_pull_backoff` the kubelet's before
     pulling again (pkg/kubelet/kubelet.go backOffPeriod, 10 s), `termination_seconds`
     how long a pod being deleted takes to stop (its containers exit on SIGTERM).
+    `log_bytes_per_second`, when set, is how fast a followed log reaches its reader
+    (a busy node or API server: a follow still streams after the container has ended).
     """
 
     def __init__(self, *, rollout_delay: float = 0.2, pod_start_delay: float = 0.05,
@@ -64,6 +66,7 @@ class KubeEmulator:
         self.termination_seconds = termination_seconds
         self.image_resolver: ImageResolver = lambda image: False
         self.kubelet_retry_seconds = 0.5
+        self.log_bytes_per_second: float | None = None
         self.store = ObjectStore()
         self.logs = PodLogs()
         self.rbac = rbac.Rbac(self.store)

@@ -393,7 +393,7 @@ class ApiServer:
         response.enable_chunked_encoding()
         record.status = 200
         await response.prepare(request)
-        await response.write(text.encode())
+        await self._write_log(response, text)
         sent = len(chunks)
         try:
             while not self.stopping:
@@ -401,7 +401,7 @@ class ApiServer:
                 fresh = logs.chunks(ns, name, container, sent)
                 if fresh:
                     sent += len(fresh)
-                    await response.write(render_log(fresh, {"timestamps": query.get("timestamps", "")}).encode())
+                    await self._write_log(response, render_log(fresh, {"timestamps": query.get("timestamps", "")}))
                 if current is None or is_terminal(current) or container_finished(current, container):
                     if not fresh:
                         break
@@ -410,6 +410,16 @@ class ApiServer:
         except ConnectionResetError:
             pass
         return response
+
+    async def _write_log(self, response: web.StreamResponse, text: str) -> None:
+        data, rate = text.encode(), self.emulator.log_bytes_per_second
+        if not rate:
+            await response.write(data)
+            return
+        slice_size = max(1, int(rate / 20))
+        for start in range(0, len(data), slice_size):
+            await response.write(data[start:start + slice_size])
+            await asyncio.sleep(slice_size / rate)
 
     # ---------------------------------------------------------------- writes
 
