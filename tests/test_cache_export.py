@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from sandbox.example import commit_all
 from tests.conftest import by_name
-from tests.test_live_log import run_messages, steps_artifact
+from tests.conftest import run_logs
+from tests.test_live_log import steps_artifact
 
 MCP = "weather-mcp"
 REFUSED = "cannot be overwritten because the repository is immutable"
@@ -28,7 +29,7 @@ def test_an_immutable_cache_repository_with_a_buildcache_tag_still_builds_and_de
     assert state.is_completed(), state.message
     assert by_name(state.result())[MCP].outcome == "deployed"
     flow_run_id = state.state_details.flow_run_id
-    assert any(m.startswith(f"{MCP} | ") and "ERROR" in m and REFUSED in m for m in run_messages(flow_run_id))
+    assert any(m.startswith(f"{MCP} | ") and "ERROR" in m and REFUSED in m for m in run_logs(flow_run_id))
     [row] = [r for r in steps_artifact(flow_run_id, MCP) if r["step"] == "exporting cache to registry"]
     assert REFUSED in row["error"]
     [image] = ecr.describe_images(repositoryName=cache, imageIds=[{"imageTag": "buildcache"}])["imageDetails"]
