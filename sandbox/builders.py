@@ -220,6 +220,29 @@ def image_manifest(steps: list[Step], labels: dict[str, str], platform: str, med
     return manifest, "sha256:" + hashlib.sha256(manifest.encode()).hexdigest()
 
 
+# ------------------------------------------------------------------ what each pushed image was built from
+
+@dataclass(frozen=True)
+class BuiltImage:
+    """What a simulated build made an image from: the app runtime (sandbox/apps) runs its pods from it."""
+
+    context: dict[str, bytes | None]
+    instructions: list[str]
+    build_args: dict[str, str]
+
+
+_built_images: dict[str, BuiltImage] = {}  # manifest digest -> its build; digests are content addressed
+
+
+def remember_build(digest: str, context: dict[str, bytes | None], instructions: list[str],
+                   build_args: dict[str, str]) -> None:
+    _built_images[digest] = BuiltImage(dict(context), list(instructions), dict(build_args))
+
+
+def built_image(digest: str) -> BuiltImage | None:
+    return _built_images.get(digest)
+
+
 # ------------------------------------------------------------------ the registry
 
 _config_blobs: dict[str, bytes] = {}  # config digest -> the blob `image_manifest` made, pushed with its manifest

@@ -42,6 +42,7 @@ from sandbox.builders import (
     pull_refusal,
     push_cache_manifest,
     push_manifest,
+    remember_build,
     push_refusal,
     unpack,
 )
@@ -277,6 +278,7 @@ class SimulatedBuildKit(SimulatedBuilder):
         labels = {k.removeprefix("label:"): v for k, v in args.opts.items() if k.startswith("label:")}
         steps = final_stage_steps("buildkit", instructions, context, build_args, OCI)
         manifest, digest = image_manifest(steps, labels, args.opts.get("platform", ""), OCI)
+        remember_build(digest, context, instructions, build_args)
         for target in self.hijacks.get(repository, []):
             self._hijack(progress, holder, target, manifest, digest)
         pace.finish()

@@ -64,6 +64,7 @@ from sandbox.builders import (
     keyword,
     mounted_secret_file,
     push_manifest,
+    remember_build,
     split_name,
     unpack,
 )
@@ -309,6 +310,7 @@ class SimulatedKaniko(SimulatedBuilder):
         cached = self._do_build(instructions, steps, flags, cache_repo, repository, log, pace)
         labels = dict(label.partition("=")[::2] for label in flags["label"])
         manifest, digest = image_manifest(steps, labels, flags["custom-platform"], DOCKER_V2)
+        remember_build(digest, tree.under(context_dir), instructions, build_args)
         pace.finish()
         if flags["digest-file"]:  # push.go DoPush: a plain os.WriteFile before pushing, once the build succeeded
             try:

@@ -12,7 +12,11 @@ import tempfile
 from pathlib import Path
 
 from flows.config import DEFAULT_BUILDKIT_IMAGE, DEFAULT_KANIKO_IMAGE, PipelineConfig
+from sandbox.apps.busybox import BusyboxWget, is_busybox
+from sandbox.apps.dnsproxy import ClusterDnsProxy
+from sandbox.apps.runtime import AppRuntime
 from sandbox.aws import BUILD_ROLE_ARN, AwsSandbox
+from sandbox.builders import BuiltImage, built_image
 from sandbox.buildkit import SimulatedBuildKit
 from sandbox.kaniko import SimulatedKaniko
 from sandbox.kube import KubeEmulator
@@ -47,6 +51,9 @@ class Sandbox:
         self.kube = KubeEmulator()
         self.buildkit = SimulatedBuildKit(self.kube, self.aws)
         self.kaniko = SimulatedKaniko(self.kube, self.aws)
+        self.dns = ClusterDnsProxy(self.kube)
+        self.apps = AppRuntime(self.kube, self.built_image, proxy_url=self.dns.url)
+        self.busybox = BusyboxWget(self.kube)
         self.kubeconfig = self.workdir / "kubeconfig"
 
     def start(self) -> Sandbox:
@@ -55,22 +62,41 @@ class Sandbox:
         self.kube.start()
         self.kube.write_kubeconfig(self.kubeconfig)
         self.kube.image_resolver = self.image_exists
+        self.dns.start()
         self.install_builders()
         return self
 
     def image_exists(self, image: str) -> bool:
         """What the sandbox's nodes can pull: the pinned builder images, and what was pushed to its ECR."""
-        if image in BUILDER_IMAGES:
+        if image in BUILDER_IMAGES or is_busybox(image):
             return True
         return ecr_image_exists(self.aws, image)
 
+    def built_image(self, image: str) -> BuiltImage | None:
+        """The build a pushed image came from, when a simulated builder made it: `...@sha256:<digest>` directly,
+        a tag through the digest ECR holds for it."""
+        if "@" in image:
+            return built_image(image.rpartition("@")[2])
+        if not ecr_image_exists(self.aws, image):
+            return None
+        host, _, rest = image.partition("/")
+        repository, _, tag = rest.rpartition(":") if ":" in rest else (rest, "", "latest")
+        ecr = self.aws.client("ecr", ECR_HOST.match(host)["region"])
+        found = ecr.describe_images(repositoryName=repository, imageIds=[{"imageTag": tag}])["imageDetails"]
+        return built_image(found[0]["imageDigest"]) if found else None
+
     def install_builders(self) -> None:
-        """The simulated BuildKit and Kaniko pods as the only pod behaviours, e.g. after a test's own."""
+        """The simulated BuildKit and Kaniko pods, app pods as processes and busybox test pods as the only pod
+        behaviours, e.g. after a test's own."""
         self.kube.clear_pod_behaviours()
+        self.busybox.install()
+        self.apps.install()
         self.buildkit.install()
         self.kaniko.install()
 
     def stop(self) -> None:
+        self.apps.stop()
+        self.dns.stop()
         self.kube.stop()
         self.aws.stop()
         if self._tmp:

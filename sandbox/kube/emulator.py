@@ -73,6 +73,7 @@ class KubeEmulator:
         self._server = ApiServer(self)
         self._controllers = Controllers(self)
         self._behaviours: list[tuple[PodMatcher, PodBehaviour]] = []
+        self._pod_ports: dict[tuple[str, str], dict[int, int]] = {}
         self._behaviours_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -288,6 +289,18 @@ class KubeEmulator:
             current = self.get("pods", namespace, pod)
             container = container_names(current)[0] if current else ""
         self.logs.append(namespace, pod, container, text)
+
+    def pod_ports(self, namespace: str, pod: str) -> dict[int, int]:
+        """container port -> the 127.0.0.1 port the pod's process listens on (sandbox/apps/runtime.py)."""
+        with self._behaviours_lock:
+            return dict(self._pod_ports.get((namespace, pod), {}))
+
+    def set_pod_ports(self, namespace: str, pod: str, ports: dict[int, int] | None) -> None:
+        with self._behaviours_lock:
+            if ports:
+                self._pod_ports[(namespace, pod)] = dict(ports)
+            else:
+                self._pod_ports.pop((namespace, pod), None)
 
     def on_pod(self, matcher: PodMatcher, behaviour: PodBehaviour) -> None:
         """Run `behaviour(handle)` in its own thread for each new Pod `matcher` accepts.

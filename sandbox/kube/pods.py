@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
 NODE_NAME = "sandbox-node"
+POD_IP = "10.244.0.10"  # every pod's, as reported in its status
 
 
 def container_names(pod: dict) -> list[str]:
@@ -100,7 +101,7 @@ class PodHandle:
             written = {c["type"] for c in status["conditions"]}
             status["conditions"] = [c for c in (current.get("status") or {}).get("conditions") or []
                                     if c.get("type") not in written] + status["conditions"]
-        patch: dict = {"status": {"hostIP": "10.0.0.1", "podIP": "10.244.0.10", "qosClass": "BestEffort",
+        patch: dict = {"status": {"hostIP": "10.0.0.1", "podIP": POD_IP, "qosClass": "BestEffort",
                                   **status}}
         if scheduled:
             patch["spec"] = {"nodeName": NODE_NAME}
@@ -158,6 +159,24 @@ class PodHandle:
         return self._write_status({"phase": phase if phase == "Running" else "Pending",
                                    "startTime": self._started_at or defaults.now_iso(),
                                    "conditions": conditions, "containerStatuses": statuses})
+
+    def report(self, statuses: list[dict], phase: str) -> dict | None:
+        """Per-container statuses written as the kubelet's status manager does: Ready and ContainersReady are
+        True when every container is ready, else False with `containers with unready status: [...]`
+        (kubernetes/kubernetes pkg/kubelet/status/generate.go GeneratePodReadyCondition, v1.35)."""
+        self._started_at = self._started_at or defaults.now_iso()
+        unready = [s["name"] for s in statuses if not s.get("ready")]
+        if phase in TERMINAL_PHASES:
+            ready = [_condition("ContainersReady", False, "PodCompleted"), _condition("Ready", False, "PodCompleted")]
+        elif unready:
+            why = f"containers with unready status: [{' '.join(unready)}]"
+            ready = [_condition("ContainersReady", False, "ContainersNotReady", why),
+                     _condition("Ready", False, "ContainersNotReady", why)]
+        else:
+            ready = [_condition("ContainersReady", True), _condition("Ready", True)]
+        return self._write_status({"phase": phase, "startTime": self._started_at,
+                                   "conditions": self._scheduled() + ready + [_condition("PodScheduled", True)],
+                                   "containerStatuses": statuses})
 
     def unschedulable(self, message: str) -> dict | None:
         return self._write_status({"phase": "Pending", "conditions": [

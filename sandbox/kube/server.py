@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
 import yaml
 from aiohttp import web
 
-from . import catalog, defaults, errors, namespace_lifecycle, patching, podsecurity, protobuf, selectors, tables
+from . import (catalog, defaults, errors, forward, namespace_lifecycle, patching, podsecurity, protobuf, selectors,
+               services, tables)
 from .catalog import ResourceType
-from .pods import container_names, is_terminal
+from .pods import POD_IP, container_names, is_terminal
 
 if TYPE_CHECKING:
     from .emulator import KubeEmulator
@@ -222,6 +224,8 @@ class ApiServer:
         if rt.namespaced is False and route.namespace is not None:
             raise errors.ApiError(404, "the server could not find the requested resource", "NotFound")
         namespace = route.namespace if rt.namespaced else None
+        if rt.plural == "services" and route.name and (route.subresource or "").split("/")[0] == "proxy":
+            return await self.serve_service_proxy(request, namespace or "default", route.name)
         body = decode_body(await request.read(), request.content_type) if request.can_read_body else None
         verb = record.verb
         namespace_lifecycle.admit_request(self.store, rt, namespace, verb, route.name, body,
@@ -263,6 +267,30 @@ class ApiServer:
             return self.serve_delete_collection(rt, namespace, query)
         raise errors.ApiError(405, "the server does not allow this method on the requested resource",
                               "MethodNotAllowed")
+
+    async def serve_service_proxy(self, request: web.Request, namespace: str, id_: str) -> web.StreamResponse:
+        """`/api/v1/namespaces/{ns}/services/{id}/proxy[/{path}]` (pkg/registry/core/service/storage/storage.go
+        ResourceLocation, pkg/registry/core/service/proxy.go ProxyREST, v1.35): the request goes to a ready
+        endpoint with the rest of the path and the query; RBAC has already checked `services/proxy` with the verb
+        of the method (requestinfo.go). A dial that fails answers 503 `error trying to reach service: <err>`
+        (apimachinery pkg/util/proxy upgradeaware.go, the responder of ProxyREST)."""
+        if request.method not in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
+            raise errors.ApiError(405, "the server does not allow this method on the requested resource",
+                                  "MethodNotAllowed")
+        scheme, endpoint = services.proxy_target(self.emulator, namespace, id_)
+        marker = f"/services/{id_}/proxy"
+        raw = request.raw_path.split("?", 1)[0]
+        rest = raw[raw.find(marker) + len(marker):] if marker in raw else ""
+        path_qs = (rest or "/") + (f"?{request.query_string}" if request.query_string else "")
+        address = f"{POD_IP}:{endpoint.container_port}"
+        if scheme == "https" or endpoint.host_port is None:
+            why = "connect: connection refused" if endpoint.host_port is None else "the sandbox's pods serve http only"
+            raise errors.ApiError(503, f"error trying to reach service: dial tcp {address}: {why}")
+        try:
+            return await forward.forward(request, endpoint.host_port, path_qs, drop=frozenset({"authorization"}))
+        except aiohttp.ClientConnectionError:
+            raise errors.ApiError(503, f"error trying to reach service: dial tcp {address}: connect: "
+                                       "connection refused") from None
 
     # ---------------------------------------------------------------- discovery
 
