@@ -50,7 +50,7 @@ from flows.report import format_timing, timeline_markdown, timing_rows
 from flows.run_timeout import flow_timeout_seconds
 from flows.source import SourceCheckout
 from flows.upload import StoredContext, presign
-from flows.verify import Verification, VerificationFailed, has_checks, planned_checks, test_hooks
+from flows.verify import Verification, VerificationFailed, has_checks, planned_checks, release_test_hooks
 
 STAGES = ("package", "queue", "upload", "registry-auth", "build", "deploy", "verify")
 BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT = "buildkit", 10
@@ -389,7 +389,7 @@ class Run:
         started, verifying = time.perf_counter(), []
 
         async def verify(installed: dict, helm) -> Verification | None:
-            hooks = test_hooks(installed)
+            hooks = release_test_hooks(installed)
             if not has_checks(release.verify, hooks):
                 return None
             verifying.append(time.perf_counter())

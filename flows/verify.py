@@ -98,7 +98,7 @@ class Checks:
 # --- pure logic ---------------------------------------------------------------------------------
 
 
-def test_hooks(installed: dict) -> list[str]:
+def release_test_hooks(installed: dict) -> list[str]:
     """Names of the test hooks of the release helm installed (its `--output json`), in the order helm runs them.
 
     helm/helm pkg/release/v1/hook.go (v4.1.4): `hooks[].events` holds `test` for a
