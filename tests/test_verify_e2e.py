@@ -120,8 +120,8 @@ def test_a_failing_chart_test_hook_rolls_back_with_the_test_pods_log(prefect_ser
 
 def test_a_release_without_checks_deploys_as_before(prefect_server, sandbox, example_app):
     app = example_app
-    edit_pipeline(app, "      verify: {mcp: {service: weather-mcp, port: 80, path: /mcp, tools: [get_forecast]}}\n",
-                  "      verify: {helm_test: false}\n")
+    edit_pipeline(app, "verify: {mcp: {service: weather-mcp, port: 80, path: /mcp, tools: [get_forecast]}}",
+                  "verify: {helm_test: false}")
     state = app.run(components=[MCP])
     assert state.is_completed(), state.message
     mcp = by_name(state.result())[MCP]
