@@ -173,6 +173,69 @@ class BuildSpec(_Strict):
         return image
 
 
+SERVICE_PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")
+# A path under a Service's proxy subresource. Dot segments (also percent-encoded) are refused: an HTTP client
+# removes them (RFC 3986 5.2.4), and `/proxy/../../secrets/x` would become a request to the API itself, made
+# with the flow's credentials.
+_DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(/|$|\?)", re.IGNORECASE)
+
+
+def _proxied_path(path: str) -> str:
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} must start with '/'")
+    if _DOT_SEGMENT.search(path) or "%2f" in path.lower():
+        raise ValueError(f"{path!r} must not contain '.' or '..' segments or an encoded '/'")
+    if any(c.isspace() or c == "#" for c in path):
+        raise ValueError(f"{path!r} must not contain whitespace or '#'")
+    return path
+
+
+def _service_port(port: int | str) -> int | str:
+    """A Service port by number or by name (an IANA_SVC_NAME, as the API server validates port names)."""
+    if isinstance(port, int):
+        if not 1 <= port <= 65535:
+            raise ValueError(f"{port} is not a port number (1 to 65535)")
+    elif not SERVICE_PORT_NAME.match(port) or "--" in port:
+        raise ValueError(f"{port!r} is not a port number or a Service port name")
+    return port
+
+
+class McpCheckSpec(_Strict):
+    """An MCP server that must answer the handshake (initialize, initialized, tools/list) through the Service."""
+
+    service: str = Field(description="a Service in the release's namespace")
+    port: int | str = Field(description="the Service's port, by number or name")
+    path: str = "/mcp"
+    tools: list[str] = Field(default_factory=list, description="tools the server must list (empty: at least one)")
+
+    _service = field_validator("service")(_dns_label)
+    _port = field_validator("port")(_service_port)
+    _path = field_validator("path")(_proxied_path)
+
+
+class HttpCheckSpec(_Strict):
+    """A GET through the Service that must answer with `status`."""
+
+    service: str
+    port: int | str
+    path: str = "/"
+    status: int = Field(default=200, ge=100, le=599)
+
+    _service = field_validator("service")(_dns_label)
+    _port = field_validator("port")(_service_port)
+    _path = field_validator("path")(_proxied_path)
+
+
+class VerifySpec(_Strict):
+    """Checks after a release rolled out; a failing one puts the release back on its previous revision."""
+
+    helm_test: bool | None = Field(default=None, description="run `helm test`; default: when the installed "
+                                   "release has test hooks")
+    mcp: McpCheckSpec | None = None
+    http: list[HttpCheckSpec] = Field(default_factory=list)
+    timeout_seconds: int = Field(default=120, ge=5, le=3600, description="for each check (helm test's --timeout)")
+
+
 class ReleaseSpec(_Strict):
     name: str
     chart: str = Field(description="chart folder relative to the repo root, an oci:// reference, or a chart in `repo`")
@@ -186,6 +249,7 @@ class ReleaseSpec(_Strict):
     timeout_seconds: int = Field(default=300, ge=10)
     create_namespace: bool = Field(default=False, description="helm creates the namespace (`--create-namespace`); "
                                    "needs deployments/rbac-create-namespace.yaml")
+    verify: VerifySpec = Field(default_factory=VerifySpec, description="checks after the rollout")
 
     _names = field_validator("name", "namespace")(_dns_label)
 

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +35,7 @@ from flows.rollout import (
     manifest_deployments,
     verify_rollout,
 )
+from flows.verify import Verification, VerificationFailed
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGEST_PLACEHOLDER = "sha256:<digest>"
@@ -41,7 +43,12 @@ SECRET_VALUES_PLACEHOLDER = "<secret values file>"
 
 
 class DeployFailed(RuntimeError):
-    """A release did not roll out; the message names release, revisions and reason."""
+    """A release did not roll out; the message names release, revisions and reason.
+
+    `output` is what a failed helm wrote on stdout (`helm test --logs` writes its test pods' logs there).
+    """
+
+    output: str = ""
 
 
 class DeployedRelease(BaseModel):
@@ -51,6 +58,7 @@ class DeployedRelease(BaseModel):
     namespace: str
     revision: int
     image: str
+    verification: Verification | None = None
 
 
 def helm_binary() -> str:
@@ -181,7 +189,9 @@ async def run_helm(argv: list[str], timeout: float) -> str:
         await asyncio.shield(stop_helm(process, output, argv))
         raise
     if process.returncode != 0:
-        raise DeployFailed(stderr.decode().strip() or stdout.decode().strip())
+        failed = DeployFailed(stderr.decode().strip() or stdout.decode().strip())
+        failed.output = stdout.decode()
+        raise failed
     return stdout.decode()
 
 
@@ -283,6 +293,10 @@ class Helm:
         return {int(item.metadata.labels["version"]): item.metadata.labels.get("status", "")
                 for item in stored.items}
 
+    async def run(self, args: list[str], timeout: float) -> str:
+        """`helm <args>` for this release's namespace and cluster."""
+        return await run_helm([self.binary, *args, *self._common], timeout)
+
     async def rollback(self, revision: int) -> None:
         await run_helm([self.binary, "rollback", self.release.name, str(revision), *self._common, "--wait",
                         "--timeout", f"{self.release.timeout_seconds}s"], self.release.timeout_seconds + 60)
@@ -357,12 +371,16 @@ async def upgrade_release(
     image_tag: str,
     kubeconfig: str | None,
     secret_values: dict[str, SecretStr] | None = None,
+    verify: Callable[[dict, Helm], Awaitable[Verification | None]] | None = None,
 ) -> DeployedRelease:
     """Upgrade (or install) the release, verify its rollout, and leave the previous revision running on failure.
 
     The Deployments to verify are those of the manifest helm applied (`--output
     json`); Pod problems are recorded in the release's namespace from before the
     upgrade starts, and on failure reported for the Deployments the chart renders.
+    `verify` gets the release helm installed (its `--output json`) once it has
+    rolled out, still holding the release's lock, so a failed check rolls back
+    exactly the revision this upgrade made.
     """
     helm = Helm(release, helm_binary(), kubeconfig)
     version = await helm_version(helm.binary)
@@ -380,12 +398,19 @@ async def upgrade_release(
                                        "to finish") as held:
             previous = await recover_pending(helm, api)
             async with PodProblemRecorder(api, release.namespace) as problems:
-                deployments = None
+                deployments, verification = None, None
                 try:
                     held.ensure_held()
                     upgraded = json.loads(await run_helm(argv, release.timeout_seconds + 60))
                     deployments = manifest_deployments(upgraded.get("manifest", ""), release.namespace)
                     await verify_rollout(api, deployments, release.timeout_seconds)
+                    if verify is not None:
+                        verification = await verify(upgraded, helm)
+                except VerificationFailed as exc:
+                    await helm.restore(previous)
+                    current = await helm.revision()
+                    raise DeployFailed(_failure_message(release, exc.summary, previous, current,
+                                                        exc.details)) from None
                 except (DeployFailed, RolloutFailed) as exc:
                     if isinstance(exc, RolloutFailed):
                         await helm.restore(previous)
@@ -396,10 +421,10 @@ async def upgrade_release(
                     raise DeployFailed(_failure_message(
                         release, exc, previous, current, problems.describe(deployments))) from None
     return DeployedRelease(name=release.name, namespace=release.namespace, revision=upgraded["version"],
-                           image=f"{image_repository}:{image_tag}")
+                           image=f"{image_repository}:{image_tag}", verification=verification)
 
 
-def _failure_message(release: ReleaseSpec, error: Exception, previous: int | None, current: int | None,
+def _failure_message(release: ReleaseSpec, error: Exception | str, previous: int | None, current: int | None,
                      pods: str) -> str:
     """`release ns/name: revision 3 failed (<reason>); running revision 4, a rollback to revision 2`."""
     reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__

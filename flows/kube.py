@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import ssl
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -59,6 +60,7 @@ class ExecCredential:
 
     def install(self, api: client.ApiClient) -> None:
         self._configuration.refresh_api_key_hook = self._before_request
+        api.exec_credential = self
         send = api.rest_client.request
 
         async def request(method, url, query_params=None, headers=None, **kwargs):
@@ -100,6 +102,35 @@ class ExecCredential:
         self._configuration.api_key[BEARER] = f"Bearer {status['token']}"
         expires = status.get("expirationTimestamp")
         self._expires = parse_rfc3339(expires) if expires else None
+
+
+def tls_context(configuration: client.Configuration) -> ssl.SSLContext:
+    """The TLS settings the API client uses (cluster CA, client certificate), for another HTTP client to the same
+    server; built as kubernetes_asyncio 36.1.0 client/rest.py `RESTClientObject.__init__` builds its own."""
+    context = ssl.create_default_context(cafile=configuration.ssl_ca_cert)
+    if configuration.cert_file:
+        context.load_cert_chain(configuration.cert_file, keyfile=configuration.key_file)
+    if not configuration.verify_ssl:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if configuration.disable_strict_ssl_verification:
+        context.verify_flags &= ~ssl.VERIFY_X509_STRICT
+    return context
+
+
+async def authorization(api: client.ApiClient) -> str | None:
+    """The `Authorization` header the API client would send now: its bearer token, after the refresh hook (an
+    expired exec-plugin token is fetched again, an in-cluster token re-read from its file); None without one."""
+    return await api.configuration.get_api_key_with_prefix(BEARER)
+
+
+async def authorization_after_refusal(api: client.ApiClient, refused: str) -> str | None:
+    """The header to send instead of `refused` after a 401: the exec plugin's new token (`ExecCredential.renew`),
+    else whatever the client holds now."""
+    credential = getattr(api, "exec_credential", None)
+    if credential is not None:
+        return await credential.renew(refused)
+    return await authorization(api)
 
 
 class Watch(watch.Watch):

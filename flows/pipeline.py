@@ -50,8 +50,9 @@ from flows.report import format_timing, timeline_markdown, timing_rows
 from flows.run_timeout import flow_timeout_seconds
 from flows.source import SourceCheckout
 from flows.upload import StoredContext, presign
+from flows.verify import Verification, VerificationFailed, has_checks, planned_checks, release_test_hooks
 
-STAGES = ("package", "queue", "upload", "registry-auth", "build", "deploy")
+STAGES = ("package", "queue", "upload", "registry-auth", "build", "deploy", "verify")
 BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT = "buildkit", 10
 RUN_STARTED: ContextVar[float] = ContextVar("run_started", default=0.0)
 
@@ -86,6 +87,12 @@ class PipelineFailed(RuntimeError):
     pass
 
 
+def record_span(result: ComponentResult, stage: str, started: float, ended: float) -> None:
+    """A stage's duration, and its start and end in seconds since the run started (`time.perf_counter()` values)."""
+    result.seconds[stage] = round(ended - started, 3)
+    result.spans[stage] = (round(started - RUN_STARTED.get(), 3), round(ended - RUN_STARTED.get(), 3))
+
+
 @contextmanager
 def timed(result: ComponentResult, stage: str):
     """Record a stage's duration, and its start and end in seconds since the run started."""
@@ -93,9 +100,7 @@ def timed(result: ComponentResult, stage: str):
     try:
         yield
     finally:
-        ended = time.perf_counter()
-        result.seconds[stage] = round(ended - started, 3)
-        result.spans[stage] = (round(started - RUN_STARTED.get(), 3), round(ended - RUN_STARTED.get(), 3))
+        record_span(result, stage, started, time.perf_counter())
 
 
 @dataclass(frozen=True)
@@ -380,15 +385,29 @@ class Run:
         if blocked:
             result.outcome, result.error = "skipped", f"not deployed because {', '.join(blocked)} did not deploy"
             return
-        with timed(result, "deploy"):
-            release = component.release
+        release = component.release
+        started, verifying = time.perf_counter(), []
+
+        async def verify(installed: dict, helm) -> Verification | None:
+            hooks = release_test_hooks(installed)
+            if not has_checks(release.verify, hooks):
+                return None
+            verifying.append(time.perf_counter())
+            return await self.verify(component, installed["version"], hooks, helm)
+
+        try:
             secret_values = (await tasks.read_release_secrets(release, component=component.name)
                              if release.set_secret else {})
             result.release = await tasks.deploy_release(
                 release, component=component.name, api=self.api, repo_root=self.source.path,
                 image_repository=result.image.repository, image_tag=result.image.pinned_tag,
-                kubeconfig=self.kubeconfig, secret_values=secret_values,
+                kubeconfig=self.kubeconfig, secret_values=secret_values, verify=verify,
             )
+        finally:
+            ended = time.perf_counter()
+            record_span(result, "deploy", started, verifying[0] if verifying else ended)
+            if verifying:
+                record_span(result, "verify", verifying[0], ended)
         result.outcome = "deployed"
         emit_event(
             event="helm.release.upgraded",
@@ -397,6 +416,27 @@ class Run:
             payload={"component": component.name, "revision": result.release.revision,
                      "image": result.release.image, "commit": self.source.commit},
         )
+
+
+    async def verify(self, component: ComponentSpec, revision: int, hooks: list[str], helm) -> Verification:
+        """The release's checks, as the `verify` stage; its events either way."""
+        release = component.release
+        resource = {"prefect.resource.id": f"helm.release.{release.namespace}.{release.name}",
+                    "prefect.resource.name": release.name}
+        payload = {"component": component.name, "revision": revision, "commit": self.source.commit}
+        try:
+            checks = planned_checks(release.verify, hooks)
+            verification = await tasks.verify_release(release, checks, component=component.name, helm=helm,
+                                                      api=self.api)
+        except VerificationFailed as exc:
+            emit_event(event="helm.release.verification-failed", resource=resource,
+                       payload={**payload, "failure": exc.summary})
+            raise
+        get_run_logger().info("%s: verified release %s/%s revision %d: %s", component.name, release.namespace,
+                              release.name, revision, verification.describe())
+        emit_event(event="helm.release.verified", resource=resource,
+                   payload={**payload, **verification.model_dump(mode="json")})
+        return verification
 
 
 def release_order(config: PipelineConfig) -> dict[str, list[str]]:

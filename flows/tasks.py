@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect_aws import AwsCredentials
 from pydantic import SecretStr
 
-from flows import build, build_run, deploy, package, plan, registry_auth, source, upload
+from flows import build, build_run, deploy, package, plan, registry_auth, source, upload, verify
 from flows.aws import aws_client
 from flows.config import BuildSecretSpec, PipelineConfig, ReleaseSpec
 from flows.kube import is_transient_api_error
@@ -159,3 +159,9 @@ async def deploy_release(release: ReleaseSpec, *, component: str, **kwargs) -> d
     """The objects the rollout check reads may hold what the chart rendered from `set_secret` values."""
     with carrying_secrets() if kwargs.get("secret_values") else contextlib.nullcontext():
         return await deploy.upgrade_release(release, **kwargs)
+
+
+@task(name="verify", task_run_name="verify {component}", cache_policy=NO_CACHE)
+async def verify_release(release: ReleaseSpec, checks: verify.Checks, *, component: str, **kwargs) -> verify.Verification:
+    """Run inside `deploy` (the release's lock is held), so a failed check rolls back this run's revision only."""
+    return await verify.verify_release(release, checks, **kwargs)

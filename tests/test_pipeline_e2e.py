@@ -21,7 +21,7 @@ from sandbox.example import commit_all
 from tests.conftest import HELM, by_name, jobs
 from tests.test_security import context_url
 
-ALL_STAGES = ("package", "queue", "upload", "registry-auth", "build", "deploy")
+ALL_STAGES = ("package", "queue", "upload", "registry-auth", "build", "deploy", "verify")
 
 MCP, AGENT = "weather-mcp", "weather-agent"
 

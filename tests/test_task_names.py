@@ -30,7 +30,8 @@ def task_run_names(flow_run_id, count: int) -> Counter:
 
 def per_component(component: str, builder: str = "buildkit") -> list[str]:
     return [f"package {component}", f"upload {component}", f"registry-auth {component}",
-            f"build-secrets {component}", f"build {component} ({builder})", f"deploy {component}"]
+            f"build-secrets {component}", f"build {component} ({builder})", f"deploy {component}",
+            f"verify {component}"]  # the example's releases have checks (its pipeline file's `verify:`)
 
 
 def test_every_task_run_of_a_pipeline_run_names_its_stage_and_component_and_no_secret(prefect_server, sandbox,
