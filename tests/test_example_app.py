@@ -78,3 +78,13 @@ def test_agent_is_pointed_at_the_mcp_servers_streamable_http_endpoint():
     [container] = manifests["Deployment/weather-agent"]["spec"]["template"]["spec"]["containers"]
     assert container["env"] == [
         {"name": "MCP_SERVER_URL", "value": "http://weather-mcp.mcp-servers.svc.cluster.local/mcp"}]
+
+
+def test_example_app_fixture_points_the_agent_at_its_own_mcp_namespace(example_app):
+    """The tests give each app namespaces of its own: the agent's MCP URL must follow, or it calls no one."""
+    mcp = example_app.config.component("weather-mcp").release
+    agent = example_app.config.component("weather-agent").release
+    manifests = render(agent.name, "agent", "-f", str(example_app.root / agent.values[0]))
+    [container] = manifests[f"Deployment/{agent.name}"]["spec"]["template"]["spec"]["containers"]
+    assert container["env"] == [
+        {"name": "MCP_SERVER_URL", "value": f"http://{mcp.name}.{mcp.namespace}.svc.cluster.local/mcp"}]
