@@ -91,6 +91,9 @@ def new_example_app(directory: Path, sandbox) -> ExampleApp:
         text = text.replace(f"namespace: {namespace}", f"namespace: {namespace}{suffix}")
     text = text.replace("bucket: weather-build-contexts", f"bucket: weather-build-contexts{suffix}")
     pipeline_file.write_text(text)
+    # the agent reaches the MCP server by its Service's DNS name, which names the namespace
+    values = pipeline_file.parent / "manifests/helm/values/weather-agent.yaml"
+    values.write_text(values.read_text().replace(".mcp-servers.svc.", f".mcp-servers{suffix}.svc."))
     commit_all(pipeline_file.parent, "Namespaces for this test")
     config = load_config(pipeline_file)
     return ExampleApp(pipeline_file, config, sandbox.prepare(config))

@@ -123,7 +123,9 @@ def test_a_commit_that_changes_one_file_gives_revision_2_and_a_new_digest(prefec
     app = example_app
     first = app.run().result()
     server = app.root / "agents/weather/mcp-servers/weather-mcp-server/server.py"
-    server.write_text(server.read_text().replace('"phoenix": "sun"', '"phoenix": "heat"'))
+    text = server.read_text()
+    assert '("sunny", 35, 22)' in text
+    server.write_text(text.replace('("sunny", 35, 22)', '("heat wave", 41, 28)'))
     commit = commit_all(app.root, "Phoenix is hot")
 
     second = app.run().result()
