@@ -73,6 +73,8 @@ def _call_flow(args: argparse.Namespace, flow, report, check=lambda config, sele
             print(f"error: the run failed: {exc}", file=sys.stderr)
             return EXIT_FAILED
         print(report(result))
+        if sandbox and args.then:
+            return args.then(sandbox, config)
         return 0
     finally:
         if sandbox:
@@ -128,10 +130,13 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, then=None) -> int:
+    """`then(sandbox, config)`, if given, runs after a successful run on the sandbox, before the sandbox stops;
+    its return is the exit status (`make demo` asks the deployed agent)."""
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
     args = parser().parse_args(argv)
+    args.then = then
     try:
         return args.handler(args)
     except ConfigError as exc:
