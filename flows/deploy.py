@@ -387,6 +387,7 @@ async def upgrade_release(
                     deployments = manifest_deployments(upgraded.get("manifest", ""), release.namespace)
                     await verify_rollout(api, deployments, release.timeout_seconds)
                 except (DeployFailed, RolloutFailed) as exc:
+                    await problems.read_probe_failures()
                     if isinstance(exc, RolloutFailed):
                         await helm.restore(previous)
                     elif deployments is None:
