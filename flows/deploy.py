@@ -412,6 +412,7 @@ async def upgrade_release(
                     raise DeployFailed(_failure_message(release, exc.summary, previous, current,
                                                         exc.details)) from None
                 except (DeployFailed, RolloutFailed) as exc:
+                    await problems.read_probe_failures()
                     if isinstance(exc, RolloutFailed):
                         await helm.restore(previous)
                     elif deployments is None:

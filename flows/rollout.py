@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import time
 
 import yaml
@@ -103,6 +104,39 @@ def container_problems(pod: dict) -> list[str]:
     return problems
 
 
+def is_ready(pod: dict) -> bool:
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _event_time(event: dict) -> datetime.datetime:
+    """The time `kubectl describe` orders events by: series.lastObservedTime, else lastTimestamp, else eventTime
+    (kubernetes/kubernetes staging/src/k8s.io/kubectl/pkg/util/event/sorted_event_list.go eventTime, v1.35)."""
+    series = event.get("series") or {}
+    value = series.get("lastObservedTime") or event.get("lastTimestamp") or event.get("eventTime")
+    if isinstance(value, datetime.datetime):
+        return value
+    try:
+        return datetime.datetime.fromisoformat(str(value))
+    except ValueError:
+        return datetime.datetime.min.replace(tzinfo=datetime.UTC)
+
+
+def latest_probe_failures(events: list[dict], pods: set[str]) -> dict[str, str]:
+    """Pod name to the message of its latest `Unhealthy` event (the kubelet's `<kind> probe failed: <output>`,
+    kubernetes/kubernetes pkg/kubelet/prober/prober.go), for the named Pods."""
+    latest: dict[str, tuple[datetime.datetime, str]] = {}
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        pod = involved.get("name")
+        if event.get("reason") != "Unhealthy" or involved.get("kind") != "Pod" or pod not in pods:
+            continue
+        when = _event_time(event)
+        if pod not in latest or when >= latest[pod][0]:
+            latest[pod] = when, event.get("message") or ""
+    return {pod: message for pod, (_, message) in latest.items() if message}
+
+
 class PodProblemRecorder:
     """Watches the Deployment Pods of a release's namespace while helm waits and keeps what went wrong with each.
 
@@ -115,6 +149,8 @@ class PodProblemRecorder:
         self._namespace = namespace
         self._problems: dict[str, tuple[str, list[str]]] = {}
         self._crash_logs: dict[str, str] = {}
+        self._unready: dict[str, str] = {}
+        self._probe_failures: dict[str, str] = {}
         self._task: asyncio.Task | None = None
 
     async def __aenter__(self) -> PodProblemRecorder:
@@ -140,6 +176,10 @@ class PodProblemRecorder:
 
     async def _record(self, core: client.CoreV1Api, pod: dict, owner: str) -> None:
         name = pod["metadata"]["name"]
+        if is_ready(pod):
+            self._unready.pop(name, None)
+        else:
+            self._unready[name] = owner
         problems = container_problems(pod)
         if not problems:
             return
@@ -151,12 +191,30 @@ class PodProblemRecorder:
             except ApiException:
                 self._crash_logs[name] = ""
 
+    async def read_probe_failures(self) -> None:
+        """The latest `Unhealthy` event of every Pod last seen not Ready: why a Pod that runs never became Ready.
+
+        Events outlive the Pods a rollback deletes, so this may run after it. Without the right to list events
+        the error goes without them.
+        """
+        try:
+            events = await client.CoreV1Api(self._api).list_namespaced_event(self._namespace)
+        except ApiException:
+            return
+        self._probe_failures.update(latest_probe_failures([as_dict(self._api, e) for e in events.items],
+                                                          set(self._unready)))
+
     def describe(self, deployments: list[tuple[str, str]] | None) -> str:
         """The problems of the Pods of these Deployments; of every Deployment's Pods when they are not known."""
         names = None if deployments is None else {name for namespace, name in deployments
                                                   if namespace == self._namespace}
-        pods = sorted(pod for pod, (owner, _) in self._problems.items() if names is None or owner in names)
-        lines = [f"{pod}: {'; '.join(self._problems[pod][1])}" for pod in pods]
+        problems = {pod: list(found) for pod, (owner, found) in self._problems.items()
+                    if names is None or owner in names}
+        for pod, message in self._probe_failures.items():
+            if names is None or self._unready.get(pod) in names:
+                problems.setdefault(pod, []).append(message)
+        pods = sorted(problems)
+        lines = [f"{pod}: {'; '.join(problems[pod])}" for pod in pods]
         for pod in pods:
             if self._crash_logs.get(pod, "").strip():
                 lines.append(f"--- last log lines of {pod} ---\n{self._crash_logs[pod].rstrip()}")

@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from sandbox.builders import OCI, dockerfile_instructions, final_stage_steps, image_manifest, push_manifest, \
-    remember_build
+from sandbox.builders import OCI, built_image, dockerfile_instructions, final_stage_steps, image_manifest, \
+    push_manifest, remember_build
 from tests.conftest import REPO_ROOT, wait_until
 
 KUBECTL = REPO_ROOT / ".tools" / "bin" / "kubectl"
@@ -64,12 +64,12 @@ def namespace(sandbox):
 
 
 def deploy(sandbox, namespace: str, name: str, image: str, *, healthy: bool = True, command=None,
-           env: dict | None = None) -> None:
+           env: dict | None = None, readiness: dict | None = None) -> None:
     container = {"name": "app", "image": image, "ports": [{"name": "http", "containerPort": 8080}],
                  "env": [{"name": "GREETING", "value": "pod"}, {"name": "HEALTHY", "value": "yes" if healthy else "no"},
                          *({"name": k, "value": v} for k, v in (env or {}).items())],
-                 "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1,
-                                    "failureThreshold": 1}}
+                 "readinessProbe": readiness or {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1,
+                                                 "failureThreshold": 1}}
     if command:
         container["command"] = command
     sandbox.kube.create("deployments", namespace, {
@@ -196,4 +196,254 @@ def test_kubectl_service_proxy_needs_services_proxy_rbac(sandbox, namespace, ima
                              capture_output=True, text=True, timeout=30)
     assert allowed.returncode == 0, allowed.stderr
     assert json.dumps(allowed.stdout) and allowed.stdout == "/health from pod in app"
+    sandbox.kube.delete("deployments", namespace, "web")
+
+
+@pytest.fixture
+def time_scale(sandbox):
+    """Set the app runtime's time scale for one test (back-off and probe periods are multiplied by it)."""
+    before = sandbox.apps.time_scale
+
+    def set_scale(value: float) -> None:
+        sandbox.apps.time_scale = value
+    yield set_scale
+    sandbox.apps.time_scale = before
+
+
+def bare_pod(sandbox, namespace: str, name: str, image: str, *, policy: str = "Always", **container) -> None:
+    sandbox.kube.create("pods", namespace, {
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"restartPolicy": policy, "terminationGracePeriodSeconds": 1,
+                 "containers": [{"name": "app", "image": image, "ports": [{"name": "http", "containerPort": 8080}],
+                                 **container}]}})
+
+
+def status_of(sandbox, namespace: str, name: str) -> dict:
+    return (sandbox.kube.get("pods", namespace, name)["status"].get("containerStatuses") or [{}])[0]
+
+
+def events(sandbox, namespace: str, reason: str) -> list[dict]:
+    return [e for e in sandbox.kube.list("events", namespace) if e["reason"] == reason]
+
+
+def test_a_crashing_container_restarts_with_back_off_doubling_to_five_minutes(sandbox, namespace, image, time_scale):
+    time_scale(0.01)  # 10 s of back-off take 0.1 s: 10+20+40+80+160 s before the capped 300 s one
+    bare_pod(sandbox, namespace, "crash", image, command=["python", "-c", "import sys; print('boom'); sys.exit(1)"])
+    uid = sandbox.kube.get("pods", namespace, "crash")["metadata"]["uid"]
+    seen: set[str] = set()
+
+    def backed_off(wanted: str):
+        status = status_of(sandbox, namespace, "crash")
+        waiting = (status.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") == "CrashLoopBackOff":
+            seen.add(waiting["message"])
+        return status if waiting.get("message", "").startswith(f"back-off {wanted} ") else None
+    status = wait_until(lambda: backed_off("5m0s"), 20, "the back-off to reach its maximum", interval=0.02)
+    # Go's time.Duration text (kubernetes pkg/kubelet/kuberuntime/kuberuntime_manager.go doBackOff)
+    assert status["state"]["waiting"]["message"] == \
+        f"back-off 5m0s restarting failed container=app pod=crash_{namespace}({uid})"
+    assert f"back-off 1m20s restarting failed container=app pod=crash_{namespace}({uid})" in seen, seen
+    assert status["restartCount"] >= 5 and status["ready"] is False
+    assert status["lastState"]["terminated"]["exitCode"] == 1
+    assert status["lastState"]["terminated"]["reason"] == "Error"
+    [backoff] = events(sandbox, namespace, "BackOff")
+    assert backoff["type"] == "Warning" and backoff["count"] >= 4
+    assert backoff["message"] == f"Back-off restarting failed container app in pod crash_{namespace}({uid})"
+    log = "".join(c.text for c in sandbox.kube.logs.chunks(namespace, "crash", "app"))
+    assert "boom" in log
+
+
+def test_a_failing_liveness_probe_kills_and_restarts_the_container(sandbox, namespace, image, time_scale):
+    time_scale(0.1)
+    bare_pod(sandbox, namespace, "sick", image, env=[{"name": "HEALTHY", "value": "no"}],
+             livenessProbe={"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 2,
+                            "failureThreshold": 2})
+    status = wait_until(lambda: (s := status_of(sandbox, namespace, "sick")).get("restartCount", 0) >= 1 and s,
+                        20, "a restart after the liveness probe failed")
+    # SIGTERM ends the Python server: 128 + 15
+    assert status["lastState"]["terminated"]["exitCode"] == 143
+    killing = events(sandbox, namespace, "Killing")
+    assert killing and killing[0]["message"] == "Container app failed liveness probe, will be restarted"
+    assert killing[0]["type"] == "Normal"
+    assert any(e["message"].startswith("Liveness probe failed: ") for e in events(sandbox, namespace, "Unhealthy"))
+
+
+def test_a_liveness_failure_under_restart_policy_never_kills_without_restarting(sandbox, namespace, image,
+                                                                                 time_scale):
+    time_scale(0.1)
+    bare_pod(sandbox, namespace, "once", image, policy="Never", env=[{"name": "HEALTHY", "value": "no"}],
+             livenessProbe={"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 2,
+                            "failureThreshold": 2})
+
+    def failed():
+        pod = sandbox.kube.get("pods", namespace, "once")
+        return pod if pod["status"].get("phase") == "Failed" else None
+    pod = wait_until(failed, 20, "the pod to fail")
+    status = pod["status"]["containerStatuses"][0]
+    assert status["restartCount"] == 0 and status["state"]["terminated"]["exitCode"] == 143
+    # kuberuntime_manager.go computePodActions adds ", will be restarted" only when the container restarts
+    assert [e["message"] for e in events(sandbox, namespace, "Killing")] == ["Container app failed liveness probe"]
+
+
+def test_tcp_socket_readiness_probe(sandbox, namespace, image, time_scale):
+    from sandbox.kube.pods import POD_IP
+    time_scale(0.1)
+    bare_pod(sandbox, namespace, "tcp", image, env=[{"name": "HEALTHY", "value": "yes"}],
+             readinessProbe={"tcpSocket": {"port": "http"}, "periodSeconds": 1})
+    bare_pod(sandbox, namespace, "closed", image, env=[{"name": "HEALTHY", "value": "yes"}],
+             ports=[{"name": "http", "containerPort": 8080}, {"name": "admin", "containerPort": 9090}],
+             readinessProbe={"tcpSocket": {"port": "admin"}, "periodSeconds": 1})
+    wait_until(lambda: ready(sandbox, namespace, "tcp"), 20, "the tcpSocket probe to pass")
+
+    def refused():
+        return [e for e in events(sandbox, namespace, "Unhealthy") if e["involvedObject"]["name"] == "closed"]
+    [event] = wait_until(refused, 20, "the closed port's probe to fail")
+    # pkg/probe/tcp/tcp.go DoTCPProbe: Go's dial error (net.OpError) for the pod's IP
+    assert event["message"] == f"Readiness probe failed: dial tcp {POD_IP}:9090: connect: connection refused"
+    assert ready(sandbox, namespace, "closed") is None
+
+
+def test_a_probe_waits_for_the_first_period_tick_after_its_initial_delay(sandbox, namespace, image, time_scale):
+    """worker.go: the worker probes at once and then every periodSeconds; a tick inside initialDelaySeconds does
+    nothing, so a probe with initialDelaySeconds 5 and periodSeconds 10 first runs at 10 s, not at 5 s."""
+    import time
+    time_scale(0.1)
+    created = time.monotonic()
+    bare_pod(sandbox, namespace, "late", image, env=[{"name": "HEALTHY", "value": "yes"}],
+             readinessProbe={"httpGet": {"path": "/health", "port": "http"}, "initialDelaySeconds": 5,
+                             "periodSeconds": 10})
+    wait_until(lambda: ready(sandbox, namespace, "late"), 20, "the delayed probe to pass", interval=0.02)
+    assert time.monotonic() - created >= 0.95
+
+
+SSE = b'''
+import http.server, os, time
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Type", "text/event-stream"); self.end_headers()
+        self.wfile.write(b"data: one\\n\\n")
+        while not os.path.exists(os.environ["GATE"]):
+            time.sleep(0.02)
+        self.wfile.write(b"data: two\\n\\n")
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
+'''
+
+
+def read_until(stream, marker: bytes, limit: float = 10) -> bytes:
+    import select
+    import time
+    seen = b""
+    deadline = time.monotonic() + limit
+    while marker not in seen:
+        assert time.monotonic() < deadline, f"no {marker!r} in {seen!r}"
+        readable, _, _ = select.select([stream], [], [], 0.1)
+        if readable:
+            chunk = stream.recv(4096)
+            assert chunk, f"closed before {marker!r}: {seen!r}"
+            seen += chunk
+    return seen
+
+
+def test_a_streamed_response_passes_unbuffered_through_the_service_proxy_and_the_pods_dns_proxy(
+        sandbox, namespace, image, tmp_path, time_scale):
+    import socket
+    from urllib.parse import urlsplit
+    time_scale(0.1)
+    (tmp_path / "sse.py").write_bytes(SSE)
+    deploy(sandbox, namespace, "sse", image, command=["python", str(tmp_path / "sse.py")],
+           env={"GATE": str(tmp_path / "gate")}, readiness={"tcpSocket": {"port": "http"}, "periodSeconds": 1})
+    wait_until(lambda: ready(sandbox, namespace, "sse"), 20, "the streaming pod")
+    api = urlsplit(sandbox.kube.url)
+    dns = urlsplit(sandbox.dns.url(namespace))
+    requests = [
+        (api.port, f"GET /api/v1/namespaces/{namespace}/services/sse:80/proxy/events HTTP/1.1\r\n"
+                   f"Host: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"),
+        (dns.port, f"GET http://sse.{namespace}.svc.cluster.local/events HTTP/1.1\r\nHost: sse\r\n"
+                   f"Accept: text/event-stream\r\n\r\n"),
+    ]
+    for port, request in requests:
+        gate = tmp_path / "gate"
+        gate.unlink(missing_ok=True)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(request.encode())
+            first = read_until(client, b"data: one")
+            assert b"200" in first.split(b"\r\n", 1)[0] and b"data: two" not in first
+            gate.touch()  # only now does the server write its second event
+            read_until(client, b"data: two")
+    sandbox.kube.delete("deployments", namespace, "sse")
+
+
+def pod_pids(sandbox, namespace: str, pod: dict) -> set[int]:
+    """The pids whose environment names this pod and its 127.0.0.1 ports (sandbox/apps/runtime.py sets both)."""
+    name = pod["metadata"]["name"]
+    ports = ",".join(f"{c}={h}" for c, h in sandbox.kube.pod_ports(namespace, name).items())
+    wanted = {f"HOSTNAME={name}".encode(), f"BUILDKIT_SANDBOX_POD_PORTS={ports}".encode()}
+    pids = set()
+    for entry in os.listdir("/proc"):
+        try:
+            environ = set(open(f"/proc/{entry}/environ", "rb").read().split(b"\0")) if entry.isdigit() else set()
+        except OSError:
+            continue
+        if wanted <= environ:
+            pids.add(int(entry))
+    return pids
+
+
+def test_service_proxy_redirects_a_get_of_proxy_without_a_slash(sandbox, namespace, image):
+    import http.client
+    from urllib.parse import urlsplit
+    deploy(sandbox, namespace, "web", image)
+    wait_until(lambda: ready(sandbox, namespace, "web"), 20, "the web pod")
+    base = f"/api/v1/namespaces/{namespace}/services/web:80/proxy"
+    connection = http.client.HTTPConnection("127.0.0.1", urlsplit(sandbox.kube.url).port, timeout=10)
+    try:
+        connection.request("GET", base + "?x=1")
+        response = connection.getresponse()
+        response.read()
+        # apimachinery pkg/util/proxy/upgradeaware.go proxyRedirectsforRootPath
+        assert (response.status, response.getheader("Location")) == (301, base + "/?x=1")
+        connection.request("GET", base + "/")
+        response = connection.getresponse()
+        assert (response.status, response.read()) == (200, b"/ from pod in app")
+    finally:
+        connection.close()
+    sandbox.kube.delete("deployments", namespace, "web")
+
+
+def test_no_pod_process_outlives_sandbox_stop_and_another_sandboxs_pods_live_on(sandbox, namespace, image,
+                                                                                   tmp_path):
+    """A restart test: a second sandbox of its own, stopped while its pod runs; the session sandbox's pod is left
+    alone (each runtime ends the processes it started)."""
+    from sandbox.stack import Sandbox
+    deploy(sandbox, namespace, "web", image)
+    ours = pod_pids(sandbox, namespace, wait_until(lambda: ready(sandbox, namespace, "web"), 20, "the session pod"))
+    assert ours
+    other = Sandbox(tmp_path / "other").start()
+    try:
+        if not other.image_exists(image):  # moto's backends are per process: the image may be there already
+            repository, _, reference = image.partition("/")[2].partition(":")
+            tag, _, digest = reference.partition("@")
+            built = built_image(digest)
+            manifest, _ = image_manifest(final_stage_steps("buildkit", built.instructions, built.context, {}, OCI),
+                                         {}, "", OCI)
+            other.aws.client("ecr", "us-west-2").create_repository(repositoryName=repository)
+            assert push_manifest(other.aws, "us-west-2", f"{REGISTRY}/{repository}:{tag}", manifest, digest)
+        other.kube.create("namespaces", None, {"metadata": {"name": namespace}})
+        deploy(other, namespace, "web", image)
+        theirs = pod_pids(other, namespace, wait_until(lambda: ready(other, namespace, "web"), 20, "the other pod"))
+        assert theirs and not theirs & ours
+    finally:
+        other.stop()
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    assert all(gone(pid) for pid in theirs)
+    assert not any(gone(pid) for pid in ours)
+    assert ready(sandbox, namespace, "web")
     sandbox.kube.delete("deployments", namespace, "web")

@@ -5,9 +5,11 @@ Sources (kubernetes/kubernetes v1.35):
   failureThreshold 3; initialDelaySeconds 0.
 - pkg/kubelet/prober/prober.go: a failure posts a Warning event, reason `Unhealthy` (events.ContainerUnhealthy),
   message `<Readiness|Liveness|Startup> probe failed: <output>`.
-- pkg/kubelet/prober/worker.go: a readiness result starts as Failure, liveness and startup as Success; a result
-  changes only after `successThreshold` / `failureThreshold` equal results in a row; liveness and readiness wait
-  until the startup probe succeeded; a liveness or startup failure kills the container (restartPolicy applies).
+- pkg/kubelet/prober/worker.go (checked at kubernetes/kubernetes 00421113, newWorker/doProbe): a readiness result
+  starts as Failure, liveness as Success, startup as Unknown (the container is not `started` until it succeeds); a
+  result changes only after `successThreshold` / `failureThreshold` equal results in a row (`resultRun`);
+  liveness and readiness are not run until the container has started; startup stops once it has; a liveness or
+  startup failure puts the worker on hold until a new container (the kubelet kills it, restartPolicy applies).
 - pkg/probe/http/http.go DoHTTPProbe: 200..399 is success, otherwise `HTTP probe failed with statuscode: <code>`;
   a transport error is Go's client error text, e.g. `Get "http://10.244.0.10:8080/health": dial tcp
   10.244.0.10:8080: connect: connection refused`, or `... context deadline exceeded (Client.Timeout exceeded
@@ -39,6 +41,8 @@ class ProbeSpec:
     timeout: float
     success_threshold: int
     failure_threshold: int
+    termination_grace: float | None = None
+    """probe.terminationGracePeriodSeconds: the grace of a kill this probe causes (liveness, startup)."""
 
 
 def probe_specs(container: dict) -> dict[str, ProbeSpec]:
@@ -51,7 +55,9 @@ def probe_specs(container: dict) -> dict[str, ProbeSpec]:
         handler = {k: probe[k] for k in ("httpGet", "tcpSocket", "exec", "grpc") if k in probe}
         specs[kind] = ProbeSpec(kind, handler, float(probe.get("initialDelaySeconds") or 0),
                                 float(probe.get("periodSeconds") or 10), float(probe.get("timeoutSeconds") or 1),
-                                int(probe.get("successThreshold") or 1), int(probe.get("failureThreshold") or 3))
+                                int(probe.get("successThreshold") or 1), int(probe.get("failureThreshold") or 3),
+                                None if probe.get("terminationGracePeriodSeconds") is None
+                                else float(probe["terminationGracePeriodSeconds"]))
     return specs
 
 

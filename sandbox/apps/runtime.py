@@ -11,15 +11,22 @@ The kubelet's behaviour, kubernetes/kubernetes v1.35:
 - restartPolicy (pkg/kubelet/kuberuntime/kuberuntime_manager.go computePodActions, pkg/kubelet/container
   helpers.go ShouldContainerBeRestarted): Always restarts any exit, OnFailure a non-zero one, Never none; the
   first restart is at once, later ones wait a back-off of 10 s doubling to 300 s (pkg/kubelet/kubelet.go
-  backOffPeriod, MaxContainerBackOff) while the container waits with reason CrashLoopBackOff, message
-  `back-off <d> restarting failed container=<c> pod=<pod>_<ns>(<uid>)`, and the kubelet posts the Warning event
-  BackOff `Back-off restarting failed container <c> in pod <pod>_<ns>(<uid>)`.
+  backOffPeriod = 10 s, pkg/kubelet/apis/config/v1beta1/defaults.go MaxContainerBackOff = 300 s; client-go
+  util/flowcontrol/backoff.go Next doubles up to the maximum) while the container waits with reason
+  CrashLoopBackOff, message `back-off <d> restarting failed container=<c> pod=<pod>_<ns>(<uid>)` with <d> a Go
+  time.Duration (`10s`, `1m20s`, `5m0s`), and the kubelet posts the Warning event BackOff `Back-off restarting
+  failed container <c> in pod <pod>_<ns>(<uid>)` (pkg/kubelet/kuberuntime/kuberuntime_manager.go doBackOff).
 - a container that cannot start (executable not found) terminates with exit code 128, reason StartError and
   containerd's message (containerd v2 / runc: `failed to create containerd task: failed to create shim task: OCI
   runtime create failed: runc create failed: unable to start container process: exec: "<x>": executable file not
   found in $PATH: unknown`).
 - probes: sandbox/apps/probes.py; a liveness or startup failure posts Normal `Killing` `Container <c> failed
-  <liveness|startup> probe, will be restarted` (pkg/kubelet/kuberuntime/kuberuntime_manager.go) and kills it.
+  <liveness|startup> probe, will be restarted` (pkg/kubelet/kuberuntime/kuberuntime_manager.go computePodActions;
+  without `, will be restarted` under restartPolicy Never, which then leaves it terminated) and kills it with the
+  probe's terminationGracePeriodSeconds when it has one (kuberuntime_container.go setTerminationGracePeriod).
+  Probe timing follows pkg/kubelet/prober/worker.go run/doProbe: the worker probes at once and then every period
+  on a fixed ticker from its start (kept across restarts of the container); a tick before initialDelaySeconds
+  (whole seconds since the container started) does nothing.
 - deletion: SIGTERM to the container's processes, SIGKILL after terminationGracePeriodSeconds (capped by
   `grace_cap` here).
 Timing knobs (back-off, probe periods and initial delays) are multiplied by `time_scale`, probe timeouts are not.
@@ -79,12 +86,17 @@ def _kill_group(process: subprocess.Popen, sig: int) -> None:
         pass
 
 
-@atexit.register
-def kill_all() -> None:
-    """Every pod process still running, SIGKILLed (also at interpreter exit)."""
+def _forget(process: subprocess.Popen) -> None:
     with _live_lock:
-        doomed = list(_live)
-        _live.clear()
+        _live.discard(process)
+
+
+@atexit.register
+def kill_all(only: set[subprocess.Popen] | None = None) -> None:
+    """Every pod process still running (or those of `only`), SIGKILLed; at interpreter exit all of them."""
+    with _live_lock:
+        doomed = list(_live if only is None else _live & only)
+        _live.difference_update(doomed)
     for process in doomed:
         _kill_group(process, signal.SIGKILL)
         try:
@@ -142,6 +154,15 @@ def not_found_message(argv0: str) -> str:
             "unknown")
 
 
+def go_duration(seconds: float) -> str:
+    """Go's time.Duration String() for whole seconds: `10s`, `1m20s`, `5m0s`, `1h0m0s`."""
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
 @dataclass
 class ProbeState:
     spec: ProbeSpec
@@ -165,6 +186,9 @@ class Container:
     start_at: float = 0.0
     started_at: str = ""
     probes: dict[str, ProbeState] = field(default_factory=dict)
+    ticks: dict[str, float] = field(default_factory=dict)
+    """Each probe worker's next tick: the worker outlives restarts of its container (prober_manager.go)."""
+    running_since: float = 0.0
     done: bool = False
 
     @property
@@ -192,6 +216,8 @@ class AppRuntime:
         self.tick = tick
         self._stopping = threading.Event()
         self._tmp = tempfile.TemporaryDirectory(prefix="sandbox-pods-")
+        self.started: set[subprocess.Popen] = set()
+        """Every process this runtime started: `stop()` ends these, not another sandbox's."""
 
     def recognises(self, pod: dict) -> bool:
         containers = (pod.get("spec") or {}).get("containers") or []
@@ -202,7 +228,7 @@ class AppRuntime:
 
     def stop(self) -> None:
         self._stopping.set()
-        kill_all()
+        kill_all(self.started)
 
     def run(self, handle: PodHandle) -> None:
         PodRun(self, handle).run()
@@ -312,14 +338,16 @@ class PodRun:
                                    stderr=subprocess.PIPE, start_new_session=True, preexec_fn=_die_with_parent)
         with _live_lock:
             _live.add(process)
+            self.runtime.started.add(process)
         for stream in (process.stdout, process.stderr):
             threading.Thread(target=self._pump, args=(stream, container.name), daemon=True,
                              name=f"log-{self.handle.name}-{container.name}").start()
         container.process = process
         container.started_at = defaults.now_iso()
         container.state = {"running": {"startedAt": container.started_at}}
-        scale, now = self.runtime.time_scale, time.monotonic()
-        container.probes = {kind: ProbeState(spec, now + spec.initial_delay * scale, kind != "Readiness")
+        now = time.monotonic()
+        container.running_since = now
+        container.probes = {kind: ProbeState(spec, container.ticks.setdefault(kind, now), kind != "Readiness")
                             for kind, spec in probe_specs(container.spec).items()}
         if "Startup" in container.probes:
             container.probes["Startup"].result = False
@@ -334,8 +362,7 @@ class PodRun:
 
     def _exited(self, container: Container, code: int, reason: str, message: str = "") -> None:
         if container.process is not None:
-            with _live_lock:
-                _live.discard(container.process)
+            _forget(container.process)
         container.process = None
         terminated = {"exitCode": code, "reason": reason, "startedAt": container.started_at or defaults.now_iso(),
                       "finishedAt": defaults.now_iso(), **({"message": message} if message else {})}
@@ -351,8 +378,8 @@ class PodRun:
         if delay:
             pod = f"{self.handle.name}_{self.handle.namespace}({self.uid})"
             container.state = {"waiting": {"reason": "CrashLoopBackOff", "message":
-                                           f"back-off {int(delay)}s restarting failed container={container.name} "
-                                           f"pod={pod}"}}
+                                           f"back-off {go_duration(delay)} restarting failed "
+                                           f"container={container.name} pod={pod}"}}
             self.runtime.emulator.record_event(self.pod, "Warning", "BackOff",
                                                f"Back-off restarting failed container {container.name} in pod {pod}",
                                                "kubelet")
@@ -361,12 +388,19 @@ class PodRun:
 
     def _probe(self, container: Container, now: float) -> None:
         startup = container.probes.get("Startup")
+        scale = self.runtime.time_scale
         for kind, state in container.probes.items():
-            if now < state.next_at or (kind != "Startup" and startup is not None and not startup.result):
+            if now < state.next_at:
+                continue
+            while state.next_at <= now:
+                state.next_at += state.spec.period * scale
+            container.ticks[kind] = state.next_at
+            if int((now - container.running_since) / scale) < state.spec.initial_delay:
+                continue
+            if kind != "Startup" and startup is not None and not startup.result:
                 continue
             if kind == "Startup" and state.result:
                 continue
-            state.next_at = now + state.spec.period * self.runtime.time_scale
             success, output = run_probe(state.spec, self.pod, self.ports)
             if success:
                 state.successes, state.failures = state.successes + 1, 0
@@ -380,10 +414,12 @@ class PodRun:
                 continue
             state.result = False
             if kind in ("Liveness", "Startup"):
+                restarts = self.policy != "Never"
                 self.runtime.emulator.record_event(
-                    self.pod, "Normal", "Killing",
-                    f"Container {container.name} failed {kind.lower()} probe, will be restarted", "kubelet")
-                code = self._kill(container, self._grace())
+                    self.pod, "Normal", "Killing", f"Container {container.name} failed {kind.lower()} probe"
+                    + (", will be restarted" if restarts else ""), "kubelet")
+                grace = state.spec.termination_grace
+                code = self._kill(container, self._grace() if grace is None else min(grace, self.runtime.grace_cap))
                 self._exited(container, code, "Error")
                 return
 
@@ -406,8 +442,7 @@ class PodRun:
                 _kill_group(process, signal.SIGKILL)
                 process.wait(timeout=5)
         _kill_group(process, signal.SIGKILL)  # what the container's process left behind
-        with _live_lock:
-            _live.discard(process)
+        _forget(process)
         container.process = None
         code = process.returncode
         return 128 - code if code < 0 else code

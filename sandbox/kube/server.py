@@ -272,8 +272,12 @@ class ApiServer:
         """`/api/v1/namespaces/{ns}/services/{id}/proxy[/{path}]` (pkg/registry/core/service/storage/storage.go
         ResourceLocation, pkg/registry/core/service/proxy.go ProxyREST, v1.35): the request goes to a ready
         endpoint with the rest of the path and the query; RBAC has already checked `services/proxy` with the verb
-        of the method (requestinfo.go). A dial that fails answers 503 `error trying to reach service: <err>`
-        (apimachinery pkg/util/proxy upgradeaware.go, the responder of ProxyREST)."""
+        of the method (requestinfo.go). A dial that fails answers 503 `error trying to reach service: <Go's dial
+        error>` (kubernetes/apimachinery pkg/util/proxy/transport.go Transport.RoundTrip, which upgradeaware.go
+        wraps around the proxy's transport; checked at eed236ce, v0.36 pre-release). A GET or HEAD of `.../proxy`
+        itself, with no path after it, is answered 301 to the same path with a `/` (and the query) once the
+        Service has an endpoint (upgradeaware.go proxyRedirectsforRootPath; the location's path is empty:
+        ProxyREST joins it with utilnet.JoinPreservingTrailingSlash)."""
         if request.method not in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
             raise errors.ApiError(405, "the server does not allow this method on the requested resource",
                                   "MethodNotAllowed")
@@ -281,7 +285,10 @@ class ApiServer:
         marker = f"/services/{id_}/proxy"
         raw = request.raw_path.split("?", 1)[0]
         rest = raw[raw.find(marker) + len(marker):] if marker in raw else ""
-        path_qs = (rest or "/") + (f"?{request.query_string}" if request.query_string else "")
+        query = f"?{request.query_string}" if request.query_string else ""
+        if not rest and request.method in ("GET", "HEAD"):
+            return web.Response(status=301, headers={"Location": f"{request.path}/{query}"})
+        path_qs = (rest or "/") + query
         address = f"{POD_IP}:{endpoint.container_port}"
         if scheme == "https" or endpoint.host_port is None:
             why = "connect: connection refused" if endpoint.host_port is None else "the sandbox's pods serve http only"
