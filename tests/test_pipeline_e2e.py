@@ -164,7 +164,7 @@ def _object_count(sandbox, config) -> int:
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (lambda text: text.replace("chart: manifests/helm/mcp, ", ""), "components[0].release.chart: Field required"),
+        (lambda text: text.replace("chart: manifests/helm/mcp,", ""), "components[0].release.chart: Field required"),
         (lambda text: text.replace("chart: manifests/helm/mcp", "chart: manifests/helm/nope"),
          "components[0].release.chart: no such directory"),
         (lambda text: text.replace("image: moby/buildkit:v0.31.2", "image: moby/buildkit:latest"), "build.image:"),
