@@ -11,8 +11,10 @@ Python's start-up is left out; peak RSS is that process's (`wait4`).
 1. The example app with three components: weather-mcp, and weather-agent and
    travel-agent whose releases deploy after it. Simulated build times are the
    measured EKS figures divided by 20 (58, 134, 139 s -> 2.9, 6.7, 6.95 s; how long
-   the simulated build pod runs, its own download, checks and push included) and
-   every Deployment becomes Ready 1 s after its pods are created.
+   the simulated build pod runs, its own download, checks and push included). The
+   apps run as local processes (sandbox/apps) and a pod is Ready when its
+   readiness probe passes; the ideal counts 1 s for a rollout, about what a
+   small Python service takes to start and pass its first probe.
    One untimed run installs the releases; then, ROUNDS times, alternately:
    the three components in one run (`parallel`), and the same three run one
    after another, one run each in release order (`serial`). Every one of these
@@ -23,6 +25,8 @@ Python's start-up is left out; peak RSS is that process's (`wait4`).
      zero overhead would take. The seconds the pipeline adds do not shrink with
      the builds, so this is the figure to judge (EKS builds are 20 times longer
      than these); `critical_path_ratio` (wall / ideal) is printed too.
+   - `verify_on_critical_path_s`: the verify stage's seconds (helm test, the MCP
+     handshake, HTTP checks) along the chain of releases that ended last.
    - `parallel_outside_stages_s`: of a parallel run's wall time, what is not
      the flow's stages (from the flow function's start to its result): Prefect
      starting and ending the flow run, and the timing artifacts at the end.
@@ -121,6 +125,20 @@ def ideal_critical_path(config: PipelineConfig, build_seconds: dict[str, float],
     return max(deployed_at(c) for c in config.components)
 
 
+def verify_on_critical_path(config: PipelineConfig, components: dict) -> float:
+    """The seconds the verify stage adds to a run: its spans along the chain of releases that ended last (the last
+    release to finish, then, through `after:`, the release it waited for longest)."""
+    owner = {c.release.name: c for c in config.components if c.release}
+    ended = {name: max(end for _, end in data["spans"].values()) for name, data in components.items() if data["spans"]}
+    current = max((c for c in config.components if c.name in ended), key=lambda c: ended[c.name])
+    total = 0.0
+    while current is not None:
+        total += components[current.name]["seconds"].get("verify", 0.0)
+        before = [owner[name] for name in current.release.after if name in owner and owner[name].name in ended]
+        current = max(before, key=lambda c: ended[c.name]) if before else None
+    return total
+
+
 def three_component_app(workdir: Path) -> Path:
     """The example app plus travel-agent, without the registry cache, so every build takes its simulated time."""
     pipeline_file = create_example_repo(workdir / "three-components")
@@ -183,6 +201,8 @@ def three_components(run: FlowRunner, app: Path, rounds: int, suffix: str = "") 
         max(c["seconds"].get("queue", 0) for c in r.components.values()) for r in parallel))
     figure(f"serial_wall_s{suffix}", statistics.median(serial))
     figure(f"critical_path_overhead_s{suffix}", parallel_wall - ideal)
+    figure(f"verify_on_critical_path_s{suffix}", statistics.median(
+        verify_on_critical_path(config, r.components) for r in parallel))
     figure(f"critical_path_ratio{suffix}", parallel_wall / ideal)
     figure(f"parallel_outside_stages_s{suffix}", statistics.median(r.wall_s - r.stages_s for r in parallel))
     figure(f"parallel_speedup{suffix}", statistics.median(serial) / parallel_wall)

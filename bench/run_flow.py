@@ -31,7 +31,7 @@ def main() -> None:
         state = asyncio.run(build_and_deploy(config=args.config, **json.loads(args.params), return_state=True))
     wall = time.perf_counter() - started
     result = state.result(raise_on_failure=False)
-    components = {c.name: {"outcome": c.outcome, "seconds": c.seconds} for c in getattr(result, "components", [])}
+    components = {c.name: {"outcome": c.outcome, "seconds": c.seconds, "spans": c.spans} for c in getattr(result, "components", [])}
     stages = getattr(result, "seconds", {}).get("total")
     print(json.dumps({"wall_s": wall, "stages_s": stages, "completed": state.is_completed(),
                       "message": state.message, "components": components}))
