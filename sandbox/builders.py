@@ -360,7 +360,10 @@ class SimulatedBuilder:
     each named `<registry>/<repository>:<tag>` with the build's registry credentials.
     `holds` keeps a build of that repository running, after its steps and before
     its push, until the test sets the event: a test that acts during a build does
-    not race the build's end.
+    not race the build's end. It plays nothing a real builder does differently: a
+    pod stays Running until buildctl or the executor exits (moby/buildkit v0.31
+    cmd/buildctl build.go returns after the solve and the push), as a slow step
+    would keep it; a hold never released fails the build after HOLD_LIMIT_SECONDS.
 
     The container works on a model of its filesystem (sandbox/kube/containerfs.py)
     with the image's directories (`image_filesystem`) and the kubelet's mounts; its

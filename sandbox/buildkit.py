@@ -210,6 +210,8 @@ class SimulatedBuildKit(SimulatedBuilder):
             except OSError as exc:  # cmd/buildctl/main.go handleErr: `error: %v`, exit 1
                 handle.log(f"error: {go_error(exc)}")
                 return 1
+        # the pushed image carries its context's files and the Dockerfile's config, as the image exporter writes
+        # them (moby/buildkit v0.31 exporter/containerimage writer.go), so the app runtime can start it
         self._record(record, started)
         return 0
 

@@ -1,7 +1,10 @@
 """`make demo`: the example app as a fresh git repository, run end to end on the sandbox, then asked for a forecast.
 
 The last step is the check the migration ended with, by hand: call the deployed agent, which asks its MCP
-server, through the API server's service proxy, as `kubectl get --raw` does on a real cluster.
+server, through the API server's service proxy, as `kubectl get --raw` does on a real cluster (source:
+kubernetes/kubectl pkg/cmd/get/get.go `--raw`, and the proxy path of kubernetes/kubernetes
+pkg/registry/core/service/storage/storage.go ResourceLocation, v1.35); the sandbox's proxy is the one in
+sandbox/kube/services.py.
 """
 
 from __future__ import annotations

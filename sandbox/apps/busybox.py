@@ -1,12 +1,15 @@
 """helm test pods that run busybox `wget`: the pod is the request it makes, through the Service resolution pod
 processes use (sandbox/kube/services.py).
 
-Texts and exit codes from mirror/busybox networking/wget.c and libbb/xconnect.c (1.37, 371fe9f): every error dies
+Source: upstream busybox (git.busybox.net, mirror read at 371fe9f, tag 1_36_1), networking/wget.c and
+libbb/xconnect.c. Texts and exit codes: every error dies
 through bb_error_msg_and_die (exit 1, `wget: ` prefix on stderr): `bad address '<host:port>'` when the name does not
 resolve, `can't connect to remote host (<ip>): Connection refused`, `server returned error: <status line>` for a
 status other than 2xx/3xx, `download timed out` after -T; without -q it prints `Connecting to <host:port>
 (<ip>:<port>)`, `remote file exists` with --spider, `written to stdout` with -O-, else `saving to '<file>'` and
-`'<file>' saved`.
+`'<file>' saved`. Only a pinned busybox tag is pulled (no `latest`). Known gap, looser than busybox: an option
+other than -q, -O, -T, -s/--spider and --timeout is skipped rather than refused (busybox's getopt32 fails on one it
+does not know); the example charts use only these.
 """
 
 from __future__ import annotations
