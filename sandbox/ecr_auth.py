@@ -70,14 +70,13 @@ class Refused:
 
 _issued: dict[str, Issued] = {}
 _lock = threading.Lock()
-_front = {"url": ""}
 
 
 def install(front_url: str) -> None:
-    """Patch moto's ECR responses in this process (the moto server is a ThreadedMotoServer here)."""
+    """Patch moto's ECR responses in this process (the moto server is a ThreadedMotoServer here). The patch is
+    process-wide and so are moto's backends: a second sandbox in this process shares them."""
     from moto.ecr.responses import ECRResponse
 
-    _front["url"] = front_url
     ECRResponse.get_authorization_token = _get_authorization_token
     ECRResponse.get_download_url_for_layer = _get_download_url_for_layer
     boto3.client("s3", region_name="us-east-1", endpoint_url=front_url, aws_access_key_id="sandbox-access-key",
@@ -140,7 +139,10 @@ def _get_download_url_for_layer(self):
                      {"code": "LayersNotFoundException", "__module__": "moto.ecr.exceptions"})
         raise error(f"The layer with digest {digest} does not exist within the repository with name '{name}' in "
                     f"the registry with id '{registry_id}'")
-    url = boto3.client("s3", region_name="us-east-1", endpoint_url=_front["url"],
+    # the URL of the front this request came through (it forwards Host unchanged), so that another sandbox in this
+    # process, started and stopped since, does not leave this one's URLs pointing at a closed port
+    front_url = f"http://{self.headers['Host']}"
+    url = boto3.client("s3", region_name="us-east-1", endpoint_url=front_url,
                        aws_access_key_id="sandbox-access-key", aws_secret_access_key="sandbox-secret-key",
                        ).generate_presigned_url("get_object", ExpiresIn=LAYER_URL_SECONDS,
                                                 Params={"Bucket": LAYER_BUCKET, "Key": blob_key(registry_id, digest)})

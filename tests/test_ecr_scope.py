@@ -22,7 +22,7 @@ from flows.registry_auth import (
 )
 from flows.build_run import reuse_refusal
 from sandbox import ecr_auth
-from sandbox.aws import BUILD_ROLE_ARN
+from sandbox.aws import BUILD_ROLE_ARN, AwsSandbox
 from sandbox.builders import OCI, image_manifest, push_manifest
 from tests.conftest import by_name, jobs, run_logs
 
@@ -146,6 +146,26 @@ def test_get_download_url_for_layer_serves_a_referenced_config_for_a_limited_tim
         urllib.request.urlopen(url, timeout=10)
     with pytest.raises(ecr.exceptions.LayersNotFoundException, match="does not exist within the repository"):
         ecr.get_download_url_for_layer(repositoryName="agents-on-eks/weather-agent", layerDigest=config_digest)
+
+
+
+def test_download_urls_keep_working_after_another_sandbox_in_this_process_stopped(sandbox, example_app):
+    """moto's backends and the ECR patch are process-wide; a second sandbox (a restart test starts one) must not
+    leave the session sandbox's download URLs pointing at its closed port."""
+    digest = seed(sandbox, f"{MCP_REPOSITORY}:second-sandbox-test", {CONTEXT_SHA256_LABEL: "d" * 64})
+    ecr = sandbox.aws.client("ecr", "us-west-2")
+    [image] = ecr.batch_get_image(repositoryName="agents-on-eks/weather-mcp",
+                                  imageIds=[{"imageDigest": digest}])["images"]
+    config_digest = json.loads(image["imageManifest"])["config"]["digest"]
+    other = AwsSandbox()
+    other.start()
+    other.stop()
+
+    url = ecr.get_download_url_for_layer(repositoryName="agents-on-eks/weather-mcp",
+                                         layerDigest=config_digest)["downloadUrl"]
+    assert url.startswith(sandbox.aws.url)
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert json.loads(response.read())["config"]["Labels"] == {CONTEXT_SHA256_LABEL: "d" * 64}
 
 
 # ---------------------------------------------------------------- reuse
