@@ -50,7 +50,14 @@ from flows.report import format_timing, timeline_markdown, timing_rows
 from flows.run_timeout import flow_timeout_seconds
 from flows.source import SourceCheckout
 from flows.upload import StoredContext, presign
-from flows.verify import Verification, VerificationFailed, has_checks, planned_checks, release_test_hooks
+from flows.verify import (
+    Verification,
+    VerificationFailed,
+    has_checks,
+    planned_checks,
+    release_test_hooks,
+    warm_mcp_client,
+)
 
 STAGES = ("package", "queue", "upload", "registry-auth", "build", "deploy", "verify")
 BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT = "buildkit", 10
@@ -543,7 +550,10 @@ async def build_and_deploy(
                       connected.bucket, skip_unchanged, no_cache, asyncio.Semaphore(max_parallel_builds),
                       finished={c.name: asyncio.Event() for c in selected}, build_role_arn=connected.build_role_arn)
             run.warn_if_unscoped()
+            warming = warm_mcp_client(selected) if deploy else None
             await asyncio.gather(*(run.component(c, deploy) for c in selected))
+            if warming is not None:
+                await warming
     result = PipelineResult(commit=source.commit, ref=source.ref, components=list(results.values()),
                             seconds={"total": round(time.perf_counter() - started, 3)})
     await report(result, pipeline, previous_timing)

@@ -213,11 +213,26 @@ def proxy_client(api: client.ApiClient, timeout: float) -> httpx2.AsyncClient:
                               timeout=httpx2.Timeout(timeout), follow_redirects=False)
 
 
-async def check_mcp(http: httpx2.AsyncClient, url: str, tools: list[str], timeout: float) -> McpServer:
-    """The MCP handshake over streamable HTTP, then tools/list (every page); VerificationFailed naming what broke."""
+def import_mcp_client() -> tuple:
+    """The MCP SDK's client. Importing it takes 1 to 2 s of CPU: a run with MCP checks starts that in a thread as
+    it starts (`warm_mcp_client`), while its builds run, rather than on the critical path at its first check."""
     from mcp.client.session import ClientSession
     from mcp.client.streamable_http import streamable_http_client
     from mcp_types import PaginatedRequestParams
+
+    return ClientSession, streamable_http_client, PaginatedRequestParams
+
+
+def warm_mcp_client(components: list) -> asyncio.Future | None:
+    """Start importing the MCP client when one of these components' releases has an MCP check."""
+    if any(c.release and c.release.verify.mcp for c in components):
+        return asyncio.ensure_future(asyncio.to_thread(import_mcp_client))
+    return None
+
+
+async def check_mcp(http: httpx2.AsyncClient, url: str, tools: list[str], timeout: float) -> McpServer:
+    """The MCP handshake over streamable HTTP, then tools/list (every page); VerificationFailed naming what broke."""
+    ClientSession, streamable_http_client, PaginatedRequestParams = import_mcp_client()
 
     refusals: list[str] = []
 

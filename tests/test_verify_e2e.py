@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.pipeline import PipelineFailed
+from sandbox.demo import ask_the_agent
 from sandbox.example import commit_all
 from tests.conftest import by_name, run_logs
 from tests.test_pipeline_e2e import timing_artifact
@@ -55,7 +56,8 @@ spec:
 '''
 
 
-def test_a_good_run_verifies_both_releases_with_helm_test_mcp_and_http(prefect_server, sandbox, example_app):
+def test_a_good_run_verifies_both_releases_with_helm_test_mcp_and_http(prefect_server, sandbox, example_app,
+                                                                       capsys):
     state = example_app.run()
     assert state.is_completed(), state.message
     components = by_name(state.result())
@@ -74,6 +76,10 @@ def test_a_good_run_verifies_both_releases_with_helm_test_mcp_and_http(prefect_s
     logs = "\n".join(run_logs(state.state_details.flow_run_id))
     assert f"{MCP}: verified release" in logs and f"{AGENT}: verified release" in logs
     assert history(sandbox, example_app, MCP) == [(1, "deployed")]
+    # make demo's last step: the agent, asked through the service proxy, answers with its MCP server's forecast
+    capsys.readouterr()
+    assert ask_the_agent(sandbox, example_app.config) == 0
+    assert "Seattle: rain on " in capsys.readouterr().out
 
 
 def test_a_server_that_answers_http_but_not_mcp_is_rolled_back_and_the_agent_skipped(

@@ -427,10 +427,10 @@ class ApiServer:
         response = web.StreamResponse(status=200, headers={"Content-Type": "text/plain"})
         response.enable_chunked_encoding()
         record.status = 200
-        await response.prepare(request)
-        await self._write_log(response, text)
         sent = len(chunks)
-        try:
+        try:  # a follower that goes away ends its stream, not an error of the server
+            await response.prepare(request)
+            await self._write_log(response, text)
             while not self.stopping:
                 current = self.store.find("pods", ns, name)
                 fresh = logs.chunks(ns, name, container, sent)
