@@ -551,9 +551,11 @@ async def build_and_deploy(
                       finished={c.name: asyncio.Event() for c in selected}, build_role_arn=connected.build_role_arn)
             run.warn_if_unscoped()
             warming = warm_mcp_client(selected) if deploy else None
-            await asyncio.gather(*(run.component(c, deploy) for c in selected))
-            if warming is not None:
-                await warming
+            try:
+                await asyncio.gather(*(run.component(c, deploy) for c in selected))
+            finally:
+                if warming is not None:
+                    await asyncio.gather(warming, return_exceptions=True)
     result = PipelineResult(commit=source.commit, ref=source.ref, components=list(results.values()),
                             seconds={"total": round(time.perf_counter() - started, 3)})
     await report(result, pipeline, previous_timing)
