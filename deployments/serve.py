@@ -1,4 +1,4 @@
-"""Serve the `nightly`, `on-demand` and `compare` deployments from one process: the single-box way to run it.
+"""Serve the `nightly`, `on-demand`, `compare` and `doctor` deployments from one process: the single-box way to run it.
 
     python -m deployments.serve --config buildkit-pipeline.yaml --target production
 
@@ -15,6 +15,7 @@ from prefect import serve
 from prefect.schedules import Cron
 
 from flows.compare import compare_builders
+from flows.doctor.flow import doctor
 from flows.pipeline import build_and_deploy
 
 NIGHTLY_CRON, NIGHTLY_TIMEZONE = "0 2 * * *", "Europe/Berlin"
@@ -36,7 +37,12 @@ def deployments(config: str, target: str | None, cron: str = NIGHTLY_CRON, timez
         description="Build every component with BuildKit and with Kaniko from one commit, without deploying, "
                     "and compare build times, digests, sizes and layers in the builder-comparison artifact.",
     )
-    return nightly, on_demand, compare
+    checks = doctor.to_deployment(
+        name="doctor", parameters=parameters,
+        description="Check the AWS account, the cluster, the pipeline file and Prefect before a run, and say what "
+                    "to fix; `fix: true` creates what is safe to create.",
+    )
+    return nightly, on_demand, compare, checks
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from flows.config import ConfigError
 from flows.source import SourceError
@@ -44,6 +46,23 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _connection(args: argparse.Namespace, config) -> Iterator[tuple[dict, object]]:
+    """The connection arguments of a command, and the sandbox it runs on (started and prepared) with `--sandbox`."""
+    connection = {"kubeconfig": args.kubeconfig}
+    if not args.sandbox:
+        yield connection, None
+        return
+    from sandbox.stack import Sandbox
+
+    sandbox = Sandbox().start()
+    try:
+        connection.update(sandbox.prepare(config))
+        yield connection, sandbox
+    finally:
+        sandbox.stop()
+
+
 def _call_flow(args: argparse.Namespace, flow, report, check=lambda config, selected: None, **kwargs) -> int:
     """Run a flow with the command's config, ref and components, on the sandbox when asked; print its report.
 
@@ -53,16 +72,9 @@ def _call_flow(args: argparse.Namespace, flow, report, check=lambda config, sele
     from flows.plan import prepare_source, select
 
     kwargs.update(config=str(Path(args.config).resolve()), ref=args.ref, components=_components(args.components))
-    connection = {"kubeconfig": args.kubeconfig}
     config, _ = prepare_source(Path(args.config), args.ref)
     check(config, select(config, kwargs["components"]))
-    sandbox = None
-    if args.sandbox:
-        from sandbox.stack import Sandbox
-
-        sandbox = Sandbox().start()
-        connection.update(sandbox.prepare(config))
-    try:
+    with _connection(args, config) as (connection, sandbox):
         with connected_locally(**connection):
             state = flow(**kwargs, return_state=True)
             if asyncio.iscoroutine(state):
@@ -76,9 +88,6 @@ def _call_flow(args: argparse.Namespace, flow, report, check=lambda config, sele
         if sandbox and args.then:
             return args.then(sandbox, config)
         return 0
-    finally:
-        if sandbox:
-            sandbox.stop()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -92,6 +101,21 @@ def _compare(args: argparse.Namespace) -> int:
     from flows.compare import check_comparable, compare_builders, format_comparison
 
     return _call_flow(args, compare_builders, format_comparison, check_comparable, no_cache=args.no_cache)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    """Every pre-flight check against the pipeline file's target (or a prepared sandbox); exit 1 when one fails."""
+    from flows.doctor.findings import exit_code, render, render_json
+    from flows.doctor.flow import check_target
+    from flows.plan import prepare_source
+
+    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    config, _ = prepare_source(Path(args.config), args.ref)
+    with _connection(args, config) as (connection, _sandbox):
+        findings = asyncio.run(check_target(Path(args.config), args.ref, args.target, fix=args.fix, say=say,
+                                            **connection))
+    print(render_json(findings) if args.json else render(findings))
+    return exit_code(findings)
 
 
 def _diagnose(args: argparse.Namespace) -> int:
@@ -124,6 +148,19 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--no-deploy", action="store_true", help="build and push only")
     run.add_argument("--skip-unchanged", action="store_true",
                      help="reuse the image of a context that was built before instead of building it again")
+    doctor = commands.add_parser("doctor", help="check the AWS account, the cluster, the pipeline file and Prefect "
+                                                "before a first run; exit 1 when a check fails")
+    doctor.set_defaults(handler=_doctor)
+    doctor.add_argument("--config", required=True, help="the pipeline file (YAML)")
+    doctor.add_argument("--ref", help="branch, tag or commit whose charts and values are checked")
+    doctor.add_argument("--target", help="the BuildKit Pipeline Target block to check (default: this machine's "
+                                         "AWS credentials and kubeconfig)")
+    doctor.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, then ~/.kube/config)")
+    doctor.add_argument("--sandbox", action="store_true", help="check a prepared local sandbox")
+    doctor.add_argument("--json", action="store_true", help="print the findings as JSON")
+    doctor.add_argument("--fix", action="store_true",
+                        help="create what is safe to create (ECR repositories, the namespace and its label, RBAC, "
+                             "the lifecycle rule, the concurrency limit), each printed first; then check again")
     diagnose = commands.add_parser("diagnose", help="explain a saved build log (exit 0 when a known failure matched)")
     diagnose.set_defaults(handler=_diagnose)
     diagnose.add_argument("logfile")

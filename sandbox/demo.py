@@ -1,4 +1,5 @@
-"""`make demo`: the example app as a fresh git repository, run end to end on the sandbox, then asked for a forecast.
+"""`make demo`: the example app as a fresh git repository, checked by `doctor`, run end to end on the sandbox, then
+asked for a forecast.
 
 The last step is the check the migration ended with, by hand: call the deployed agent, which asks its MCP
 server, through the API server's service proxy, as `kubectl get --raw` does on a real cluster (source:
@@ -39,6 +40,11 @@ def demo() -> int:
     with tempfile.TemporaryDirectory(prefix="buildkit-demo-") as workdir:
         pipeline_file = create_example_repo(Path(workdir) / "weather-app")
         print(f"example app committed at {pipeline_file.parent}", flush=True)
+        print("\n$ buildkit-pipeline doctor --config weather-app/buildkit-pipeline.yaml --sandbox", flush=True)
+        if main(["doctor", "--config", str(pipeline_file), "--sandbox"]) != 0:
+            print("doctor found a problem with the sandbox: the run would fail; see the fixes above", flush=True)
+            return 1
+        print("\n$ buildkit-pipeline run --config weather-app/buildkit-pipeline.yaml --sandbox", flush=True)
         return main(["run", "--config", str(pipeline_file), "--sandbox"], then=ask_the_agent)
 
 

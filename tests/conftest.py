@@ -20,6 +20,7 @@ import pytest  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId  # noqa: E402
 from prefect.client.schemas.objects import State  # noqa: E402
+from prefect.events.worker import EventsWorker  # noqa: E402
 from prefect.logging.handlers import APILogWorker  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
@@ -140,6 +141,23 @@ def every_key(value) -> set[str]:
     if isinstance(value, list):
         return {k for v in value for k in every_key(v)}
     return set()
+
+
+def run_events(flow_run_id, prefix: str, count: int, timeout: float = 30) -> list[dict]:
+    """The run's events whose names start with `prefix`, oldest first, once the server holds `count` of them.
+
+    Events go to the server through Prefect's events worker (which attaches the flow run as a related resource),
+    and the server stores them in batches (its event persister's flush interval), so they are polled for.
+    """
+    EventsWorker.drain_all(timeout=5)
+    body = {"filter": {"event": {"prefix": [prefix]}, "related": {"id": [f"prefect.flow-run.{flow_run_id}"]},
+                       "order": "ASC"}, "limit": 50}
+
+    def stored() -> list[dict] | None:
+        with get_client(sync_client=True) as client:
+            events = client.request("POST", "/events/filter", json=body).json()["events"]
+        return events if len(events) >= count else None
+    return wait_until(stored, timeout, f"{count} {prefix}* events of run {flow_run_id}")
 
 
 def run_logs(flow_run_id) -> list[str]:

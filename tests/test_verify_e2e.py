@@ -10,7 +10,7 @@ import pytest
 from flows.pipeline import PipelineFailed
 from sandbox.demo import ask_the_agent
 from sandbox.example import commit_all
-from tests.conftest import by_name, run_logs
+from tests.conftest import by_name, run_events, run_logs
 from tests.test_pipeline_e2e import timing_artifact
 from tests.test_deploy import MCP_CONTEXT, deployed_image, edit_pipeline, history
 
@@ -76,6 +76,12 @@ def test_a_good_run_verifies_both_releases_with_helm_test_mcp_and_http(prefect_s
     logs = "\n".join(run_logs(state.state_details.flow_run_id))
     assert f"{MCP}: verified release" in logs and f"{AGENT}: verified release" in logs
     assert history(sandbox, example_app, MCP) == [(1, "deployed")]
+    verified = run_events(state.state_details.flow_run_id, "helm.release.verif", 2)
+    assert [(e["event"], e["payload"]["component"]) for e in verified] == [
+        ("helm.release.verified", MCP), ("helm.release.verified", AGENT)]
+    assert verified[0]["resource"]["prefect.resource.id"] == f"helm.release.{mcp.release.namespace}.{MCP}"
+    assert verified[0]["payload"]["mcp"]["tools"] == ["get_forecast"] and verified[0]["payload"]["revision"] == 1
+    assert verified[1]["payload"]["http"][0]["status"] == 200
     # make demo's last step: the agent, asked through the service proxy, answers with its MCP server's forecast
     capsys.readouterr()
     assert ask_the_agent(sandbox, example_app.config) == 0
@@ -104,6 +110,10 @@ def test_a_server_that_answers_http_but_not_mcp_is_rolled_back_and_the_agent_ski
     assert history(sandbox, app, MCP) == [(1, "superseded"), (2, "superseded"), (3, "deployed")]
     assert deployed_image(sandbox, app, MCP) == good_image
     assert history(sandbox, app, AGENT) == agent_history
+    [failed] = run_events(state.state_details.flow_run_id, "helm.release.verif", 1)
+    assert (failed["event"], failed["payload"]["component"], failed["payload"]["revision"]) == (
+        "helm.release.verification-failed", MCP, 2)
+    assert "the MCP handshake failed" in failed["payload"]["failure"]
 
 
 def test_a_failing_chart_test_hook_rolls_back_with_the_test_pods_log(prefect_server, sandbox, example_app):
