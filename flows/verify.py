@@ -195,6 +195,11 @@ class ApiServerAuth(httpx2.Auth):
         self._api = api
 
     async def async_auth_flow(self, request: httpx2.Request) -> AsyncGenerator[httpx2.Request, httpx2.Response]:
+        if server_name := self._api.configuration.tls_server_name:
+            # the kubeconfig's `tls-server-name`: the name sent as SNI and checked in the API server's certificate,
+            # as client-go does (k8s.io/client-go rest/config.go TLSClientConfig.ServerName; httpcore's
+            # `sni_hostname` request extension sets both)
+            request.extensions["sni_hostname"] = server_name
         sent = await authorization(self._api)
         if sent:
             request.headers["Authorization"] = sent
@@ -207,9 +212,11 @@ class ApiServerAuth(httpx2.Auth):
 
 
 def proxy_client(api: client.ApiClient, timeout: float) -> httpx2.AsyncClient:
-    """An HTTP client to the API server with the API client's CA, client certificate and token."""
+    """An HTTP client to the API server as the API client reaches it: its CA, client certificate, token, server
+    name and proxy (the kubeconfig's `proxy-url`; else the environment's, as kubernetes_asyncio 36.1.0
+    client/rest.py does with `trust_env=True`)."""
     configuration = api.configuration
-    return httpx2.AsyncClient(verify=tls_context(configuration), auth=ApiServerAuth(api),
+    return httpx2.AsyncClient(verify=tls_context(configuration), auth=ApiServerAuth(api), proxy=configuration.proxy,
                               timeout=httpx2.Timeout(timeout), follow_redirects=False)
 
 

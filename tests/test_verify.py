@@ -8,12 +8,16 @@ without the bearer token it expects; it records every request it gets.
 from __future__ import annotations
 
 import asyncio
+import base64
+import http.client
+import http.server
 import json
 import socket
 import stat
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,7 @@ from flows.config import ConfigError, VerifySpec, parse_config
 from flows.kube import kube_api
 from flows.pipeline import ComponentResult, PipelineResult
 from flows.report import critical_path, format_timing
+from sandbox.kube import tls
 from flows.verify import (
     VerificationFailed,
     check_http,
@@ -94,22 +99,45 @@ class ProxiedServices:
         await backend(dict(scope, path=path, raw_path=path.encode()), receive, send)
 
 
-@pytest.fixture(scope="module")
-def services():
-    app = ProxiedServices()
+def serve(app, **ssl) -> tuple[uvicorn.Server, threading.Thread, int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **ssl))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    app.base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return server, thread, sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def services():
+    app = ProxiedServices()
+    server, thread, port = serve(app)
+    app.base = f"http://127.0.0.1:{port}"
     yield app
     server.should_exit = True
     thread.join(10)
+
+
+def kubeconfig_file(folder: Path, cluster: dict, user: dict) -> str:
+    path = folder / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "users": [{"name": "u", "user": user}],
+    }))
+    return str(path)
+
+
+def checked_with(kubeconfig: str, check) -> object:
+    async def run():
+        async with kube_api(kubeconfig) as api, proxy_client(api, 10) as http:
+            return await check(http)
+    return asyncio.run(run())
 
 
 def api_client(base: str, token: str | None = TOKEN) -> client.ApiClient:
@@ -200,27 +228,84 @@ print(json.dumps({{"apiVersion": "client.authentication.k8s.io/v1beta1", "kind":
                    "status": {{"token": f"exec-token-{{n}}"}}}}))
 """)
     plugin.chmod(plugin.stat().st_mode | stat.S_IEXEC)
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": services.base}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
-        "users": [{"name": "u", "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1",
-                                                  "command": str(plugin)}}}],
-    }))
+    kubeconfig = kubeconfig_file(tmp_path, {"server": services.base}, {
+        "exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": str(plugin)}})
     services.tokens.add("Bearer exec-token-2")  # exec-token-1, issued when the kubeconfig is loaded, is refused
     services.requests.clear()
 
-    async def run():
-        async with kube_api(str(kubeconfig)) as api, proxy_client(api, 10) as http:
-            return await check_mcp(http, url(services, "weather-mcp"), ["get_forecast"], 10)
     try:
-        assert asyncio.run(run()).tools == ["get_forecast"]
+        assert checked_with(kubeconfig, lambda http: check_mcp(http, url(services, "weather-mcp"),
+                                                               ["get_forecast"], 10)).tools == ["get_forecast"]
     finally:
         services.tokens.discard("Bearer exec-token-2")
     sent = [auth for _, _, auth in services.requests]
     assert sent[0] == "Bearer exec-token-1" and set(sent[1:]) == {"Bearer exec-token-2"}
     assert counter.read_text() == "2"
+
+
+class RecordingProxy(http.server.ThreadingHTTPServer):
+    """A forward proxy for plain-HTTP requests (absolute-form request targets, RFC 9112 section 3.2.2) that
+    records each target it passed on."""
+
+    def __init__(self) -> None:
+        self.targets: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                proxy.targets.append(self.path)
+                parts = urllib.parse.urlsplit(self.path)
+                upstream = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+                upstream.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
+                                 headers={k: v for k, v in self.headers.items() if k.lower() != "proxy-connection"})
+                answer = upstream.getresponse()
+                body = answer.read()
+                self.send_response(answer.status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_the_kubeconfigs_proxy_url_carries_the_checks_requests(services, tmp_path):
+    """A cluster reached through a proxy (the kubeconfig's `proxy-url`, client-go rest.Config.Proxy): the checks
+    go the way the API client goes."""
+    proxy = RecordingProxy()
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        kubeconfig = kubeconfig_file(tmp_path, {"server": services.base,
+                                                "proxy-url": f"http://127.0.0.1:{proxy.server_address[1]}"},
+                                     {"token": TOKEN})
+        target = url(services, "plain", "/health")
+        assert checked_with(kubeconfig, lambda http: check_http(http, target, 200)) == 200
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert proxy.targets == [target]
+
+
+def test_the_kubeconfigs_tls_server_name_is_the_name_checked_in_the_servers_certificate(tmp_path):
+    """An API server whose certificate names it `api.cluster.internal` only, reached at 127.0.0.1 with the
+    kubeconfig's `tls-server-name` (client-go rest.TLSClientConfig.ServerName)."""
+    certificate = tls.create(dns_names=("api.cluster.internal",), loopback_ip=False)
+    (tmp_path / "tls.crt").write_bytes(certificate.cert_pem + certificate.ca_pem)
+    (tmp_path / "tls.key").write_bytes(certificate.key_pem)
+    app = ProxiedServices()
+    server, thread, port = serve(app, ssl_certfile=str(tmp_path / "tls.crt"), ssl_keyfile=str(tmp_path / "tls.key"))
+    try:
+        base = f"https://127.0.0.1:{port}"
+        kubeconfig = kubeconfig_file(tmp_path, {
+            "server": base, "tls-server-name": "api.cluster.internal",
+            "certificate-authority-data": base64.b64encode(certificate.ca_pem).decode()}, {"token": TOKEN})
+        target = proxy_url(base, NAMESPACE, "plain", 80, "/health")
+        assert checked_with(kubeconfig, lambda http: check_http(http, target, 200)) == 200
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 # --- HTTP -----------------------------------------------------------------------------------------

@@ -41,7 +41,10 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def create() -> ServingCertificate:
+def create(dns_names: tuple[str, ...] = ("localhost",), loopback_ip: bool = True) -> ServingCertificate:
+    """A CA and a serving certificate for 127.0.0.1 (unless `loopback_ip` is off) and `dns_names`."""
+    names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if loopback_ip else []
+    names += [x509.DNSName(name) for name in dns_names]
     now = datetime.datetime.now(datetime.UTC)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(_name("sandbox-kube-ca")).issuer_name(_name("sandbox-kube-ca"))
@@ -55,8 +58,7 @@ def create() -> ServingCertificate:
     cert = (x509.CertificateBuilder().subject_name(_name("kube-apiserver")).issuer_name(ca.subject)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256()))
     pem = serialization.Encoding.PEM
