@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from sandbox.apps import busybox
 from sandbox.builders import OCI, built_image, dockerfile_instructions, final_stage_steps, image_manifest, \
     push_manifest, remember_build
 from tests.conftest import REPO_ROOT, wait_until
@@ -156,6 +157,7 @@ def test_pod_process_reaches_another_service_by_its_dns_name(sandbox, namespace,
     (["web:80"], 0, "'index.html' saved"),
     (["-qO-", "web:80/hi"], 0, "/hi from pod in app"),
     (["-T", "2", "nowhere:80"], 1, "wget: bad address 'nowhere:80'"),
+    (["-s", "web:80"], 1, "wget: invalid option -- 's'\nUsage: wget [-cqS] [--spider]"),
 ])
 def test_busybox_wget_pod_is_the_request(sandbox, namespace, image, args, code, text):
     deploy(sandbox, namespace, "web", image)
@@ -173,6 +175,31 @@ def test_busybox_wget_pod_is_the_request(sandbox, namespace, image, args, code, 
     log = "".join(c.text for c in sandbox.kube.logs.chunks(namespace, "test-connection", "wget"))
     assert text in log
     sandbox.kube.delete("deployments", namespace, "web")
+
+
+@pytest.mark.parametrize("argv,parsed", [
+    # busybox 1_36_1 networking/wget.c: "cqSO:o:P:Y:U:T:+t:n::" and wget_longopts, parsed by glibc getopt_long
+    (["-qO-", "-T", "10", "svc:80/x"], ({"quiet": True, "output": "-", "spider": False, "timeout": 10.0},
+                                       ["svc:80/x"])),
+    (["svc", "--spi", "--timeout=3", "-nv"], ({"quiet": False, "output": None, "spider": True, "timeout": 3.0},
+                                              ["svc"])),
+    (["-U", "probe", "--", "-not-an-option"], ({"quiet": False, "output": None, "spider": False, "timeout": 900.0},
+                                               ["-not-an-option"])),
+    (["-s", "svc"], "wget: invalid option -- 's'"),
+    (["--follow", "svc"], "wget: unrecognized option '--follow'"),
+    (["--no", "svc"], "wget: option '--no' is ambiguous; possibilities: "),
+    (["svc", "-O"], "wget: option requires an argument -- 'O'"),
+    (["--spider=yes", "svc"], "wget: option '--spider' doesn't allow an argument"),
+    (["-T", "soon", "svc"], "wget: invalid number 'soon'"),
+    (["-q"], ""),
+])
+def test_busybox_wget_takes_busyboxs_options_and_shows_its_usage_for_any_other(argv, parsed):
+    if isinstance(parsed, tuple):
+        assert busybox.parse(["wget", *argv]) == parsed
+    else:
+        with pytest.raises(busybox.UsageError) as refused:
+            busybox.parse(["wget", *argv])
+        assert str(refused.value).startswith(parsed) and (parsed or str(refused.value) == "")
 
 
 def test_kubectl_service_proxy_needs_services_proxy_rbac(sandbox, namespace, image, tmp_path):

@@ -7,9 +7,13 @@ through bb_error_msg_and_die (exit 1, `wget: ` prefix on stderr): `bad address '
 resolve, `can't connect to remote host (<ip>): Connection refused`, `server returned error: <status line>` for a
 status other than 2xx/3xx, `download timed out` after -T; without -q it prints `Connecting to <host:port>
 (<ip>:<port>)`, `remote file exists` with --spider, `written to stdout` with -O-, else `saving to '<file>'` and
-`'<file>' saved`. Only a pinned busybox tag is pulled (no `latest`). Known gap, looser than busybox: an option
-other than -q, -O, -T, -s/--spider and --timeout is skipped rather than refused (busybox's getopt32 fails on one it
-does not know); the example charts use only these.
+`'<file>' saved`. Only a pinned busybox tag is pulled (no `latest`).
+
+Options are wget_main's own (networking/wget.c 1_36_1: the getopt32 string "cqSO:o:P:Y:U:T:+t:n::" and
+`wget_longopts`, with the official image's defconfig: FEATURE_WGET_LONG_OPTIONS, FEATURE_WGET_TIMEOUT, DESKTOP):
+glibc getopt_long parses them (permuting, `--` ends them, a long option may be any unique prefix). Anything else,
+or no URL ("-1"), goes to bb_show_usage (libbb/getopt32.c `error:`, libbb/appletlib.c): getopt's own complaint,
+the usage and exit 1. There is no `-s` (spider is `--spider` only).
 """
 
 from __future__ import annotations
@@ -28,32 +32,87 @@ def is_busybox(image: str) -> bool:
     return bool(IMAGE.match(image))
 
 
+SHORT_FLAGS, SHORT_WITH_VALUE = set("cqS"), set("OoPYUTt")
+LONG_FLAGS = {"continue": "c", "quiet": "q", "server-response": "S", "spider": "spider",
+              "no-check-certificate": "", "passive-ftp": "", "no-cache": "", "no-verbose": "", "no-clobber": "",
+              "no-host-directories": "", "no-parent": ""}
+LONG_WITH_VALUE = {"output-document": "O", "output-file": "o", "directory-prefix": "P", "proxy": "Y",
+                   "user-agent": "U", "timeout": "T", "tries": "t", "header": "", "post-data": "", "post-file": ""}
+USAGE = ("Usage: wget [-cqS] [--spider] [-O FILE] [-o LOGFILE] [--header STR]\n"
+         "\t[--post-data STR | --post-file FILE] [-Y on/off]\n"
+         "\t[--no-check-certificate] [-P DIR] [-U AGENT] [-T SEC] URL...")
+
+
+class UsageError(ValueError):
+    """What wget prints before its usage: glibc getopt's complaint (posix/getopt.c), or nothing."""
+
+
+def _long_option(word: str, words) -> tuple[str, str | None]:
+    name, has_value, value = word[2:].partition("=")
+    known = {**LONG_FLAGS, **LONG_WITH_VALUE}
+    matches = [n for n in known if n == name] or [n for n in known if n.startswith(name)]
+    if not matches:
+        raise UsageError(f"wget: unrecognized option '--{name}'")
+    if len(matches) > 1:
+        raise UsageError(f"wget: option '--{name}' is ambiguous; possibilities: "
+                         + " ".join(f"'--{n}'" for n in matches))
+    [full] = matches
+    if full in LONG_FLAGS:
+        if has_value:
+            raise UsageError(f"wget: option '--{full}' doesn't allow an argument")
+        return LONG_FLAGS[full], None
+    if not has_value:
+        value = next(words, None)
+        if value is None:
+            raise UsageError(f"wget: option '--{full}' requires an argument")
+    return LONG_WITH_VALUE[full], value
+
+
 def parse(argv: list[str]) -> tuple[dict, list[str]] | None:
-    """wget's options and URLs; None when argv is not a wget call."""
+    """wget's options and URLs; None when argv is not a wget call; UsageError where busybox shows its usage."""
     if not argv or posixpath.basename(argv[0]) != "wget":
         return None
     options = {"quiet": False, "output": None, "spider": False, "timeout": 900.0}
     urls, words = [], iter(argv[1:])
     for word in words:
-        if word in ("--spider", "-s"):
-            options["spider"] = True
-        elif word.startswith("--timeout"):
-            options["timeout"] = float(word.partition("=")[2] or next(words))
-        elif word.startswith("-") and not word.startswith("--") and len(word) > 1:
-            letters = word[1:]
+        if word == "--":
+            urls.extend(words)
+            break
+        if word.startswith("--"):
+            letter, value = _long_option(word, words)
+        elif word.startswith("-") and len(word) > 1:
+            letters, value, letter = word[1:], None, ""
             while letters:
                 letter, letters = letters[0], letters[1:]
-                if letter == "q":
-                    options["quiet"] = True
-                elif letter in ("O", "T"):
-                    value = letters or next(words)
-                    letters = ""
-                    if letter == "O":
-                        options["output"] = value
-                    else:
-                        options["timeout"] = float(value)
-        elif not word.startswith("-"):
+                if letter in SHORT_FLAGS:
+                    options["quiet"] = options["quiet"] or letter == "q"
+                    letter = ""
+                elif letter in SHORT_WITH_VALUE:
+                    value = letters or next(words, None)
+                    if value is None:
+                        raise UsageError(f"wget: option requires an argument -- '{letter}'")
+                    break
+                elif letter == "n":  # "n::": an optional value, attached only
+                    letter = ""
+                    break
+                else:
+                    raise UsageError(f"wget: invalid option -- '{letter}'")
+        else:
             urls.append(word)
+            continue
+        if letter == "q":
+            options["quiet"] = True
+        elif letter == "spider":
+            options["spider"] = True
+        elif letter == "O":
+            options["output"] = value
+        elif letter == "T":
+            try:  # "T:+": xatou_sfx of the value (libbb/getopt32.c `+`)
+                options["timeout"] = float(int(value))
+            except ValueError:
+                raise UsageError(f"wget: invalid number '{value}'") from None
+    if not urls:
+        raise UsageError("")
     return options, urls
 
 
@@ -72,7 +131,13 @@ class BusyboxWget:
         container = handle.pod["spec"]["containers"][0]
         command, args, _ = handle.process(container)
         handle.running()
-        parsed = parse(command + args)
+        try:
+            parsed = parse(command + args)
+        except UsageError as usage:
+            for line in [str(usage), *USAGE.splitlines()] if str(usage) else USAGE.splitlines():
+                handle.log(line)
+            handle.terminate(1)
+            return
         if parsed is None:
             name = (command + args or ["sh"])[0]
             handle.log(f"the sandbox runs busybox as wget only, not {name!r}")
