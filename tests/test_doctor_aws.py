@@ -310,3 +310,19 @@ def test_a_registry_of_another_account_or_region_fails_the_token_naming_both(san
     assert found.status == "fail"
     assert named in found.found
     assert found.fix.startswith(f"set registry: to {SANDBOX_ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com")
+
+
+def test_a_refused_delete_of_the_probe_is_no_failure_since_a_run_deletes_nothing(sandbox, example_app):
+    app = example_app
+    bucket, prefix = app.config.aws.bucket, app.config.aws.prefix
+    sandbox.aws.front.fail("DELETE", rf"^/{bucket}/{prefix}{PROBE_NAME}", 403, times=None)
+    try:
+        found = doctor(app)["aws.bucket-access"]
+    finally:
+        sandbox.aws.front.clear_faults()
+
+    assert found.status == "pass", found
+    assert "s3:DeleteObject refused, which a run does not need" in found.found
+    [left] = probe_objects(sandbox, app)
+    assert left in found.found
+    sandbox.aws.client("s3", REGION).delete_object(Bucket=bucket, Key=left)
