@@ -8,6 +8,9 @@ can see an hour-long URL or credential expire without waiting.
 
 Source: the AWS S3 User Guide, using-presigned-url.html (docs.aws.amazon.com), for what the front refuses;
 moto 5.2.5 moto/sts/models.py (AssumedRole.expiration) for when session credentials expire.
+
+moto 5.2.5 does not implement IAM SimulatePrincipalPolicy (moto/core/responses.py call_action raises
+NotImplementedError, an HTTP 500); `_install_policy_simulation` answers it, see there.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from moto.moto_server.threaded_moto_server import ThreadedMotoServer
 from prefect_aws import AwsClientParameters, AwsCredentials
 
 from flows.config import PipelineConfig
+from flows.doctor.aws import add_lifecycle_rule
 from flows.registry_auth import PUSH_AND_PULL_ACTIONS
 from sandbox import ecr_auth
 from sandbox.faultproxy import FaultProxy
@@ -47,6 +51,7 @@ class AwsSandbox:
         self.front = FaultProxy(f"http://{host}:{port}", refuse=self._refusal).start()
         self.url = self.front.url
         ecr_auth.install(self.url)
+        _install_policy_simulation()
 
     def stop(self) -> None:
         if self.front is not None:
@@ -90,6 +95,8 @@ class AwsSandbox:
                 "CreateBucketConfiguration": {"LocationConstraint": config.aws.region}
             }
             s3.create_bucket(Bucket=config.aws.bucket, **location)
+        # README "Pointing it at a real EKS cluster", step 5: the contexts expire (the rule `doctor --fix` adds)
+        add_lifecycle_rule(s3, config.aws.bucket, config.aws.prefix)
         self.provision_build_role()
         ecr = self.client("ecr", config.aws.region)
         repositories = {r["repositoryName"] for r in ecr.describe_repositories().get("repositories", [])}
@@ -156,3 +163,62 @@ def _ecr_image_sizes_from_layers() -> None:
     from moto.ecr.models import Image
 
     Image.get_image_size_in_bytes = _layers_total
+
+
+def _install_policy_simulation() -> None:
+    """IAM SimulatePrincipalPolicy for moto's IAM (process-wide, as ecr_auth.install).
+
+    Source: IAM API Reference, SimulatePrincipalPolicy (botocore 1.43.117 data/iam/2010-05-08/service-2.json):
+    the entity is a user (its inline, managed and groups' policies) or a role (inline and managed); its answer is
+    one EvaluationResult per action and resource, EvalDecision `allowed`, `explicitDeny` or `implicitDeny`; an
+    entity that does not exist is NoSuchEntity. The caller needs iam:SimulatePrincipalPolicy: an assumed-role
+    session without it is refused (AccessDenied, 403) as ECR's stand-in refuses (sandbox/ecr_auth.py refusal), so
+    a flow's role that may not simulate falls back to what it may do. Not modelled: permissions boundaries,
+    SCPs, condition context keys (no `ContextEntries`), resource policies.
+    """
+    from moto.iam.responses import IamResponse
+
+    IamResponse.simulate_principal_policy = _simulate_principal_policy
+
+
+def _entity_policies(backend, arn: str) -> list[str]:
+    from moto.iam.exceptions import NotFoundException
+
+    kind, _, name = arn.split(":", 5)[5].partition("/")
+    name = name.rpartition("/")[2]
+    if kind == "role":
+        role = backend.get_role_by_arn(arn)
+        return ecr_auth.role_policies(role)
+    if kind == "user":
+        user = backend.get_user(name)
+        owners = [user, *backend.get_groups_for_user(name)]
+        return [document for owner in owners for document in ecr_auth.role_policies(owner)]
+    raise NotFoundException(f"The entity {arn} cannot be found.")
+
+
+def _decision(policies: list[str], action: str, resource: str) -> str:
+    from moto.iam.access_control import IAMPolicy, PermissionResult
+
+    answers = [IAMPolicy(p).is_action_permitted(action, resource) for p in policies]
+    if PermissionResult.DENIED in answers:
+        return "explicitDeny"
+    return "allowed" if PermissionResult.PERMITTED in answers else "implicitDeny"
+
+
+def _simulate_principal_policy(self):
+    from moto.core.exceptions import ServiceException
+    from moto.core.responses import ActionResult
+
+    source = self._get_param("PolicySourceArn")
+    caller = ecr_auth.caller(self.get_access_key())
+    if caller is not None and (refused := ecr_auth.refusal(caller, "iam:SimulatePrincipalPolicy", source)):
+        error = type("AccessDenied", (ServiceException,), {"code": "AccessDenied", "__module__": "moto.iam.exceptions"})
+        raise error(refused)
+    policies = _entity_policies(self.backend, source)
+    actions = self._get_param("ActionNames", [])
+    resources = self._get_param("ResourceArns", []) or ["*"]
+    results = [{"EvalActionName": action, "EvalResourceName": resource,
+                "EvalDecision": _decision(policies, action, resource), "MatchedStatements": [],
+                "MissingContextValues": []}
+               for action in actions for resource in resources]
+    return ActionResult({"EvaluationResults": results, "IsTruncated": False})

@@ -192,8 +192,22 @@ def _role_policies(account: str, role_arn: str) -> list[str]:
         role = backend.get_role_by_arn(role_arn)
     except Exception:  # noqa: BLE001 - moto's NotFoundException: a role IAM does not have allows nothing
         return []
-    return list(role.policies.values()) + [
-        next(v.document for v in policy.versions if v.is_default) for policy in role.managed_policies.values()]
+    return role_policies(role)
+
+
+def role_policies(owner) -> list[str]:
+    """The inline and attached managed policy documents of a moto IAM role, user or group."""
+    return list(owner.policies.values()) + [
+        next(v.document for v in policy.versions if v.is_default) for policy in owner.managed_policies.values()]
+
+
+def caller(access_key_id: str) -> Principal | None:
+    """The principal behind an access key: an assumed-role session (its role's policies and session policy);
+    None for the sandbox's own key, the account's administrator."""
+    session = _session(access_key_id)
+    if session is None:
+        return None
+    return Principal(session.arn, _role_policies(session.account_id, session.role_arn), session.policy)
 
 
 def refusal(principal: Principal, action: str, resource: str) -> str | None:
