@@ -464,11 +464,12 @@ def _mutability_fix(name: str, repository: dict, refused: dict[str, str], region
 
 
 async def tag_mutability(subject: Subject, registry: Registry, found: dict[str, dict]) -> Finding:
-    problems, fixes = [], []
+    problems, fixes, blocking = [], [], False
     for name, tags in repositories(subject.config).items():
         if name not in found:
             continue
         if refused := refused_tags(found[name], tags):
+            blocking = blocking or set(refused) != {BUILDKIT_CACHE_TAG}
             mode = found[name].get("imageTagMutability")
             problems.append(f"{name} is {mode} but a run overwrites "
                             + "; ".join(f"{'<commit12>' if t == COMMIT_TAGS else t} ({why})" for t, why in refused.items()))
@@ -476,6 +477,11 @@ async def tag_mutability(subject: Subject, registry: Registry, found: dict[str, 
     if not found:
         return warned("ecr.tag-mutability", "no repository to look at (see ecr.repositories)",
                       "create the repositories first")
+    if problems and not blocking:
+        # the cache export is `ignore-error=true` (flows/build.py): a refused `buildcache` push costs the cache
+        # (every build starts cold), not the build
+        return warned("ecr.tag-mutability", "; ".join(problems) + ": builds succeed, but their cache export is "
+                      "refused, so every build runs without a fresh cache", "\n".join(fixes))
     if problems:
         return failed("ecr.tag-mutability", "; ".join(problems), "\n".join(fixes))
     return passed("ecr.tag-mutability", f"every tag a run overwrites may be overwritten in {', '.join(found)}")
