@@ -316,7 +316,8 @@ class ApiServer:
             doc = catalog.api_resource_list_doc(route.group, route.version)
         elif re.fullmatch(r"/apis/[^/]+/?", path):
             doc = catalog.api_group_doc(path.strip("/").split("/")[1])
-        elif path == "/version":
+        elif path in ("/version", "/version/"):  # k8s.io/apiserver pkg/server/routes/version.go: the route is "/"
+            # under the "/version" WebService; kubernetes_asyncio's VersionApi asks `/version/`
             doc = {"major": "1", "minor": "35", "gitVersion": "v1.35.0-sandbox", "gitCommit": "sandbox",
                    "gitTreeState": "clean", "buildDate": "2025-12-01T00:00:00Z", "goVersion": "go1.25.0",
                    "compiler": "gc", "platform": "linux/amd64"}
