@@ -115,6 +115,16 @@ class Sandbox:
         for namespace in namespaces_to_provision(config):
             if self.kube.get("namespaces", None, namespace) is None:
                 self.kube.create("namespaces", None, {"metadata": {"name": namespace}})
+        # README "Pointing it at a real EKS cluster": deployments/rbac.yaml's build ServiceAccount, and step 4's
+        # Pod Security label (privileged, what the emulator enforces on an unlabelled namespace too)
+        build = config.build
+        if self.kube.get("serviceaccounts", build.namespace, build.service_account) is None:
+            self.kube.create("serviceaccounts", build.namespace, {
+                "metadata": {"name": build.service_account}, "automountServiceAccountToken": False})
+        labels = self.kube.get("namespaces", None, build.namespace)["metadata"].get("labels") or {}
+        if "pod-security.kubernetes.io/enforce" not in labels:
+            self.kube.patch("namespaces", None, build.namespace,
+                            {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "privileged"}}})
         self.buildkit.region = self.kaniko.region = config.aws.region
         return {"aws_credentials": self.aws.credentials(config.aws.region), "kubeconfig": str(self.kubeconfig),
                 # the role a build's STS session is scoped from (docs.aws IAM User Guide,

@@ -346,3 +346,40 @@ def test_a_release_into_a_namespace_nobody_created_fails_with_helms_message(pref
     assert sandbox.kube.list("secrets", missing) == []
     refused = [r for r in sandbox.kube.requests if r.namespace == missing and r.verb == "create"]
     assert refused and {r.status for r in refused} == {404}
+
+
+def test_kubectl_auth_can_i_is_answered_from_the_enforced_rbac(sandbox, account, tmp_path):
+    """`kubectl auth can-i` sends a SelfSubjectAccessReview (protobuf); the emulator answers it from the same RBAC
+    it enforces: allowed with the binding that allows it, or not (kubernetes/kubernetes
+    pkg/registry/authorization/selfsubjectaccessreview/rest.go, plugin/pkg/auth/authorizer/rbac/rbac.go)."""
+    namespace, _ = account
+    grant(sandbox, namespace, [{"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get"]}])
+    kubeconfig = sandbox.kube.write_service_account_kubeconfig(tmp_path / "robot.kubeconfig", namespace, "robot")
+
+    def can_i(*args: str) -> str:
+        done = subprocess.run([str(KUBECTL), "--kubeconfig", str(kubeconfig), "auth", "can-i", *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode in (0, 1), done.stderr
+        return done.stdout.strip()
+
+    assert can_i("get", "pods", "-n", namespace) == "yes"
+    assert can_i("get", "pods", "--subresource=log", "-n", namespace) == "yes"
+    assert can_i("delete", "pods", "-n", namespace) == "no"
+    assert can_i("get", "pods", "-n", "default") == "no"
+    assert can_i("list", "deployments.apps", "-n", namespace) == "no"
+    assert can_i("get", "/healthz") == "yes", "system:public-info-viewer"
+    assert can_i("get", "/metrics") == "no"
+    assert "selfsubjectaccessreviews" in admin(sandbox, "api-resources", "--api-group=authorization.k8s.io")
+
+    status, review = call(sandbox, "POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                          token=sandbox.kube.rbac.authenticator.mint(namespace, "robot")[0],
+                          body={"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                                "spec": {"resourceAttributes": {"namespace": namespace, "verb": "get",
+                                                                "resource": "pods"}}})
+    assert status == 201
+    assert review["status"] == {"allowed": True, "reason": f'RBAC: allowed by RoleBinding "robot/{namespace}" of '
+                                                           f'Role "robot" to ServiceAccount "robot/{namespace}"'}
+    status, review = call(sandbox, "POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                          body={"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                                "spec": {"nonResourceAttributes": {"path": "/metrics", "verb": "get"}}})
+    assert (status, review["status"]) == (201, {"allowed": True}), "the admin (system:masters): no reason"

@@ -18,6 +18,8 @@ class ResourceType:
     short_names: tuple[str, ...] = ()
     subresources: tuple[str, ...] = ()
     categories: tuple[str, ...] = field(default=())
+    verbs: tuple[str, ...] = ALL_VERBS
+    stored: bool = True
 
     @property
     def api_version(self) -> str:
@@ -78,6 +80,10 @@ RESOURCE_TYPES: tuple[ResourceType, ...] = (
     ResourceType("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler",
                  short_names=("hpa",), subresources=("status",)),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease"),
+    # a review is answered, never stored: POST only (kubernetes/kubernetes
+    # pkg/registry/authorization/selfsubjectaccessreview/rest.go, v1.35: rest.Creater, cluster-scoped)
+    ResourceType("authorization.k8s.io", "v1", "selfsubjectaccessreviews", "SelfSubjectAccessReview",
+                 namespaced=False, verbs=("create",), stored=False),
     ResourceType("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
                  namespaced=False, short_names=("crd", "crds"), subresources=("status",)),
 )
@@ -139,7 +145,7 @@ def api_resource_list_doc(group: str, version: str) -> dict | None:
     for rt in served:
         resources.append({
             "name": rt.plural, "singularName": rt.singular, "namespaced": rt.namespaced, "kind": rt.kind,
-            "verbs": list(ALL_VERBS), "shortNames": list(rt.short_names), "categories": list(rt.categories),
+            "verbs": list(rt.verbs), "shortNames": list(rt.short_names), "categories": list(rt.categories),
             "storageVersionHash": "",
         })
         for sub in rt.subresources:

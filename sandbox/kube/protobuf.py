@@ -45,10 +45,18 @@ DELETE_OPTIONS: Schema = {1: ("gracePeriodSeconds", "int"),
                           2: ("preconditions", {1: ("uid", "string"), 2: ("resourceVersion", "string")}),
                           3: ("orphanDependents", "bool"), 4: ("propagationPolicy", "string"),
                           5: ("dryRun", ("repeated", "string"))}
+# k8s.io/api authorization/v1 types.go (v0.35): what `kubectl auth can-i` sends
+RESOURCE_ATTRIBUTES: Schema = {1: ("namespace", "string"), 2: ("verb", "string"), 3: ("group", "string"),
+                               4: ("version", "string"), 5: ("resource", "string"), 6: ("subresource", "string"),
+                               7: ("name", "string")}
+NON_RESOURCE_ATTRIBUTES: Schema = {1: ("path", "string"), 2: ("verb", "string")}
+SELF_SUBJECT_ACCESS_REVIEW: Schema = {1: ("metadata", OBJECT_META), 2: ("spec", {
+    1: ("resourceAttributes", RESOURCE_ATTRIBUTES), 2: ("nonResourceAttributes", NON_RESOURCE_ATTRIBUTES)})}
 
 SCHEMAS_BY_KIND: dict[str, Schema] = {
     "Secret": SECRET, "ConfigMap": CONFIG_MAP, "Namespace": NAMESPACE,
     "ServiceAccount": SERVICE_ACCOUNT, "DeleteOptions": DELETE_OPTIONS,
+    "SelfSubjectAccessReview": SELF_SUBJECT_ACCESS_REVIEW,
 }
 
 
@@ -103,6 +111,8 @@ def _scalar(kind: Any, value: Any) -> Any:
     if kind == "int":
         return value - (1 << 64) if value >= 1 << 63 else value
     if kind == "time":
+        if not value:  # k8s.io/apimachinery pkg/apis/meta/v1/time_proto.go: a zero Time is sent empty, read back zero
+            return None
         seconds = decode_message(value, TIME).get("seconds", 0)
         return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     raise ProtobufError(f"unknown field kind {kind!r}")
@@ -122,7 +132,7 @@ def decode_message(buf: bytes, schema: Schema) -> dict:
             result.setdefault(name, []).append(_scalar(kind[1], value))
         else:
             decoded = _scalar(kind, value)
-            if decoded not in ("", 0, False) or isinstance(decoded, dict):
+            if decoded is not None and (decoded not in ("", 0, False) or isinstance(decoded, dict)):
                 result[name] = decoded
     return result
 

@@ -213,26 +213,100 @@ class Authorizer:
 
     def rules_for(self, user: User, namespace: str):
         """(rules, errors) in VisitRulesFor's order: ClusterRoleBindings, then the namespace's RoleBindings."""
+        for rules, problem, _ in self._visit(user, namespace):
+            yield rules, problem
+
+    def _visit(self, user: User, namespace: str):
+        """(rules, error, source) per binding that applies; the source as rule.go's binding describers word it."""
         bindings = [(b, "") for b in self.store.list("clusterrolebindings")[0]]
         if namespace:
             bindings += [(b, namespace) for b in self.store.list("rolebindings", namespace)[0]]
         for binding, binding_namespace in bindings:
-            if any(_applies_to(user, s, binding_namespace) for s in binding.get("subjects") or []):
-                yield self._role_rules(binding.get("roleRef") or {}, binding_namespace)
+            subject = next((s for s in binding.get("subjects") or [] if _applies_to(user, s, binding_namespace)), None)
+            if subject is not None:
+                ref = binding.get("roleRef") or {}
+                yield (*self._role_rules(ref, binding_namespace), _describe(binding, ref, subject, binding_namespace))
 
     def authorize(self, attrs: Attributes) -> tuple[bool, str]:
-        """(allowed, reason); the reason names the roles a binding refers to that do not exist."""
+        """(allowed, reason): `RBAC: allowed by <binding>` when allowed (rbac.go authorizingVisitor.visit), else
+        the roles a binding refers to that do not exist; system:masters is allowed with no reason, as the
+        privileged-group authorizer answers (k8s.io/apiserver pkg/authorization/authorizerfactory/builtin.go)."""
         if attrs.user.is_admin:
             return True, ""
         problems = []
-        for rules, problem in self.rules_for(attrs.user, attrs.namespace):
+        for rules, problem, source in self._visit(attrs.user, attrs.namespace):
             if any(rule_allows(attrs, rule) for rule in rules):
-                return True, ""
+                return True, f"RBAC: allowed by {source}"
             if problem:
                 problems.append(problem)
         if not problems:
             return False, ""
         return False, "RBAC: " + (problems[0] if len(problems) == 1 else "[" + ", ".join(problems) + "]")
+
+
+def _go_quote(text: str) -> str:
+    """Go's %q for the names RBAC allows (DNS subdomains and the like: nothing to escape)."""
+    return json.dumps(text)
+
+
+def _describe(binding: dict, ref: dict, subject: dict, binding_namespace: str) -> str:
+    """pkg/registry/rbac/validation/rule.go clusterRoleBindingDescriber / roleBindingDescriber and describeSubject
+    (kubernetes/kubernetes v1.35)."""
+    kind, name = subject.get("kind", ""), subject.get("name", "")
+    if kind == "ServiceAccount":
+        who = f"{kind} {_go_quote(name + '/' + (subject.get('namespace') or binding_namespace))}"
+    else:
+        who = f"{kind} {_go_quote(name)}"
+    role = f"{ref.get('kind', '')} {_go_quote(ref.get('name', ''))}"
+    if binding_namespace:
+        return f"RoleBinding {_go_quote(binding['metadata']['name'] + '/' + binding_namespace)} of {role} to {who}"
+    return f"ClusterRoleBinding {_go_quote(binding['metadata']['name'])} of {role} to {who}"
+
+
+# ---------------------------------------------------------------- SelfSubjectAccessReview
+#
+# kubernetes/kubernetes pkg/registry/authorization/selfsubjectaccessreview/rest.go (v1.35) `Create`: the spec is
+# validated (pkg/apis/authorization/validation/validation.go ValidateSelfSubjectAccessReview: exactly one of
+# resourceAttributes and nonResourceAttributes, metadata empty), the attributes are built for the requesting user
+# (pkg/registry/authorization/util/helpers.go ResourceAttributesFrom / NonResourceAttributesFrom) and the
+# authorizer's decision is the status: allowed (DecisionAllow), denied (DecisionDeny: RBAC never denies, it has no
+# opinion), reason. The review is answered with 201 and never stored.
+
+REVIEW_KIND = "SelfSubjectAccessReview"
+REVIEW_GROUP = "authorization.k8s.io"
+
+
+def _invalid_review(field_path: str, value: str, detail: str) -> errors.ApiError:
+    """apierrors.NewInvalid(Kind("SelfSubjectAccessReview"), "", errs): field.Invalid's `<path>: Invalid value:
+    <value>: <detail>`."""
+    return errors.ApiError(422, f'{REVIEW_KIND}.{REVIEW_GROUP} "" is invalid: {field_path}: Invalid value: '
+                                f"{value}: {detail}", "Invalid",
+                           {"group": REVIEW_GROUP, "kind": REVIEW_KIND,
+                            "causes": [{"reason": "FieldValueInvalid", "message": f"Invalid value: {value}: {detail}",
+                                        "field": field_path}]})
+
+
+def review_attributes(user: User, body: dict | None) -> Attributes:
+    if not isinstance(body, dict) or body.get("kind") not in (None, REVIEW_KIND):
+        raise errors.bad_request(f"not a {REVIEW_KIND}")
+    spec = body.get("spec") or {}
+    resource, non_resource = spec.get("resourceAttributes"), spec.get("nonResourceAttributes")
+    if resource is not None and non_resource is not None:
+        raise _invalid_review("spec.nonResourceAttributes", json.dumps(non_resource),
+                              "cannot be specified in combination with resourceAttributes")
+    if resource is None and non_resource is None:
+        raise _invalid_review("spec.resourceAttributes", "null",
+                              "exactly one of nonResourceAttributes or resourceAttributes must be specified")
+    metadata = {k: v for k, v in (body.get("metadata") or {}).items()
+                if k != "managedFields" and v not in (None, "", {}, [])}
+    if metadata:
+        raise _invalid_review("metadata", json.dumps(metadata), "must be empty")
+    if resource is not None:
+        return Attributes(user=user, verb=resource.get("verb") or "", path="", resource_request=True,
+                          api_group=resource.get("group") or "", resource=resource.get("resource") or "",
+                          subresource=resource.get("subresource") or "", namespace=resource.get("namespace") or "",
+                          name=resource.get("name") or "")
+    return Attributes(user=user, verb=non_resource.get("verb") or "", path=non_resource.get("path") or "")
 
 
 def forbidden(attrs: Attributes, reason: str) -> errors.ApiError:
@@ -583,6 +657,15 @@ class Rbac:
         if rt is None or rt.group != attrs.api_group:
             return False
         return self.store.find(rt.plural, attrs.namespace or None, attrs.name) is None
+
+    def self_subject_access_review(self, user: User, body: dict | None) -> dict:
+        """POST selfsubjectaccessreviews: may the requesting user do what the spec names (see `review_attributes`)."""
+        allowed, reason = self.authorizer.authorize(review_attributes(user, body))
+        status = {"allowed": allowed}
+        if reason:
+            status["reason"] = reason
+        return {"kind": REVIEW_KIND, "apiVersion": f"{REVIEW_GROUP}/v1", "metadata": {},
+                "spec": (body or {}).get("spec") or {}, "status": status}
 
     def token_request(self, namespace: str, name: str, body: dict | None) -> dict:
         """POST serviceaccounts/<name>/token: a TokenRequest with a fresh token."""

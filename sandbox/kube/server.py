@@ -228,6 +228,11 @@ class ApiServer:
             return await self.serve_service_proxy(request, namespace or "default", route.name)
         body = decode_body(await request.read(), request.content_type) if request.can_read_body else None
         verb = record.verb
+        if rt.plural == "selfsubjectaccessreviews":
+            if verb != "create" or route.name is not None or route.subresource is not None:
+                raise errors.ApiError(405, "the server does not allow this method on the requested resource",
+                                      "MethodNotAllowed")
+            return json_response(self.emulator.rbac.self_subject_access_review(request.get(USER), body), 201)
         namespace_lifecycle.admit_request(self.store, rt, namespace, verb, route.name, body,
                                           request.headers.get("Content-Type", ""))
         if verb == "watch":
@@ -311,7 +316,8 @@ class ApiServer:
             doc = catalog.api_resource_list_doc(route.group, route.version)
         elif re.fullmatch(r"/apis/[^/]+/?", path):
             doc = catalog.api_group_doc(path.strip("/").split("/")[1])
-        elif path == "/version":
+        elif path in ("/version", "/version/"):  # k8s.io/apiserver pkg/server/routes/version.go: the route is "/"
+            # under the "/version" WebService; kubernetes_asyncio's VersionApi asks `/version/`
             doc = {"major": "1", "minor": "35", "gitVersion": "v1.35.0-sandbox", "gitCommit": "sandbox",
                    "gitTreeState": "clean", "buildDate": "2025-12-01T00:00:00Z", "goVersion": "go1.25.0",
                    "compiler": "gc", "platform": "linux/amd64"}
@@ -714,6 +720,7 @@ def openapi_v3(path: str) -> dict | None:
     served = [rt for rt in catalog.RESOURCE_TYPES if rt.group == group and rt.version == version]
     if not served:
         return None
+    served = [rt for rt in served if "patch" in rt.verbs]
     return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.35.0"},
             "paths": {_item_path(rt): {"patch": _patch_operation(rt)} for rt in served},
             "components": {"schemas": {}}}
