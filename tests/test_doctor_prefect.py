@@ -109,3 +109,30 @@ def test_a_server_that_does_not_answer_fails_with_where_to_point(prefect_server,
     assert found["prefect.server"].status == "fail"
     assert found["prefect.server"].found.startswith(f"the Prefect API at http://127.0.0.1:{port}/api does not answer")
     assert "prefect config set PREFECT_API_URL=" in found["prefect.server"].fix
+
+
+async def _set(active: bool, paused: bool) -> None:
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate, WorkPoolUpdate
+
+    async with get_client() as prefect:
+        await prefect.update_global_concurrency_limit(BUILDKIT_LIMIT, GlobalConcurrencyLimitUpdate(active=active))
+        await prefect.update_work_pool(POOL, WorkPoolUpdate(is_paused=paused))
+
+
+def test_an_inactive_limit_and_a_paused_pool_warn_and_repair_leaves_an_operators_limit(prefect_server, example_app):
+    from flows.doctor import prefect_checks
+    from flows.limits import create_missing_limit
+
+    asyncio.run(create_missing_limit(BUILDKIT_LIMIT, 10))
+    asyncio.run(prefect_checks.create_work_pool(POOL))
+    assert asyncio.run(create_missing_limit(BUILDKIT_LIMIT, 3)) is False
+    assert asyncio.run(_limit()).limit == 10
+    asyncio.run(_set(active=False, paused=True))
+    try:
+        found = doctor(example_app)
+        assert (found["prefect.concurrency-limit"].status, found["prefect.concurrency-limit"].fix) == (
+            "warn", "prefect gcl enable buildkit")
+        assert (found["prefect.work-pool"].status, found["prefect.work-pool"].fix) == (
+            "warn", "prefect work-pool resume buildkit-pipeline")
+    finally:
+        asyncio.run(_set(active=True, paused=False))
