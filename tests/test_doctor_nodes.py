@@ -126,3 +126,11 @@ def test_nodepools_give_their_architectures_to_pods_they_admit(example_app):
     rootless_config = config.model_copy(update={"build": config.build.model_copy(update={"mode": "rootless"})})
     assert rootless(rootless_config, [graviton]).status == "pass"
     assert rootless(rootless_config, [graviton, auto]).status == "fail"
+
+
+def test_without_a_kubernetes_client_the_nodes_are_reported_unchecked(prefect_server, example_app, tmp_path):
+    kwargs = {**example_app.flow_kwargs, "kubeconfig": str(tmp_path / "no-such-kubeconfig")}
+    findings = asyncio.run(check_target(example_app.pipeline_file, **kwargs, say=lambda _: None))
+    [finding] = [f for f in findings if f.check.startswith("nodes")]
+    assert (finding.check, finding.status) == ("nodes.platforms", "fail")
+    assert finding.found.startswith("not checked: no Kubernetes client (")
