@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import yaml
+
 from flows.config import load_config
 from flows.doctor.flow import check_target
 from flows.doctor.nodes import nodepool_capacity, platform_findings, rootless
@@ -52,9 +54,12 @@ def test_a_kaniko_platform_no_node_runs_fails_with_the_nodepool_to_add(prefect_s
          "    image: agents-on-eks/weather-agent\n    builder: kaniko\n    platforms: [linux/arm64]\n")
     finding = doctor(example_app)["nodes.platforms"]
     assert finding.status == "fail"
-    assert finding.found == ("weather-agent: the Kaniko Job for linux/arm64 waits for a arm64 node and none can take "
-                             "it (builds run on amd64)")
-    assert "- {key: kubernetes.io/arch, operator: In, values: [arm64]}" in finding.fix
+    assert finding.found == ("weather-agent: the Kaniko Job for linux/arm64 waits for a node of architecture arm64 "
+                             "and none can take it (builds run on amd64)")
+    nodepool = yaml.safe_load("\n".join(finding.fix.splitlines()[1:]).split("   #")[0])
+    assert nodepool["kind"] == "NodePool" and nodepool["apiVersion"] == "karpenter.sh/v1"
+    assert {"key": "kubernetes.io/arch", "operator": "In", "values": ["arm64"]} in \
+        nodepool["spec"]["template"]["spec"]["requirements"]
     assert "or drop linux/arm64 from components[1].platforms" in finding.fix
     # an arm64 node passes only when the build pod tolerates its taint
     with extra_node(sandbox, "arm-1", "arm64"):

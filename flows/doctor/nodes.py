@@ -169,7 +169,7 @@ def _where(capacity: list[Capacity]) -> str:
 
 
 def _nodepool_fix(arch: str, os: str, config: PipelineConfig) -> str:
-    selector = "".join(f"\n      {k}: {v}" for k, v in config.build.node_selector.items() if k not in (ARCH, OS))
+    selector = "".join(f"\n        {k}: {v}" for k, v in config.build.node_selector.items() if k not in (ARCH, OS))
     labels = f"\n  template:\n    metadata:\n      labels:{selector}" if selector else "\n  template:"
     return (f"add a node group of {os}/{arch} nodes, or a Karpenter / EKS Auto Mode NodePool that can create them:\n"
             f"apiVersion: karpenter.sh/v1\nkind: NodePool\nmetadata:\n  name: builds-{arch}\nspec:{labels}\n"
@@ -218,8 +218,8 @@ def _component_problems(i: int, component: ComponentSpec, config: PipelineConfig
             problems.append(("fail", f"{component.name}: {platform} has no node or NodePool and BuildKit has no "
                              "emulator for it", f"{_nodepool_fix(arch, os, config)}\n{drop}"))
         else:
-            problems.append(("fail", f"{component.name}: the Kaniko Job for {platform} waits for a {arch} node "
-                             f"and none can take it (builds run on {_where(where)})",
+            problems.append(("fail", f"{component.name}: the Kaniko Job for {platform} waits for a node of "
+                             f"architecture {arch} and none can take it (builds run on {_where(where)})",
                              f"{_nodepool_fix(arch, os, config)}\n{drop}, or build it with BuildKit "
                              f"(components[{i}].builder: buildkit), which emulates it"))
     return problems
