@@ -29,7 +29,8 @@ MOVING_TAGS = frozenset({"latest", "rootless", "master", "nightly", "latest-ubun
                          "master-ubuntu", "nightly-rootless", "nightly-ubuntu", "buildx-stable-1",
                          "buildx-stable-1-rootless", "edge", "stable", "main", "debug", "slim"})
 RELEASE_TAG = re.compile(r"^v?\d+\.\d+\.\d+([-.+][0-9A-Za-z.-]+)?$")
-IMAGE_KEYS = {"buildkit": ("build.image", DEFAULT_BUILDKIT_IMAGE), "kaniko": ("build.kaniko_image", DEFAULT_KANIKO_IMAGE)}
+IMAGE_KEYS = {"buildkit": ("build.image", DEFAULT_BUILDKIT_IMAGE),
+              "kaniko": ("build.kaniko_image", DEFAULT_KANIKO_IMAGE)}
 PLACEHOLDER_TAG = "doctor"
 PLACEHOLDER_SECRET = "doctor-placeholder"
 
@@ -55,7 +56,8 @@ def images_pinned(config: PipelineConfig) -> Finding:
     if moving or unknown:
         worst = moving or unknown
         lines = [f"{IMAGE_KEYS[b][0]}: {IMAGE_KEYS[b][1]}   # or {IMAGE_KEYS[b][1]}@sha256:<digest>" for b in worst]
-        said = "; ".join(f"{IMAGE_KEYS[b][0]} {images[b]} has a tag its publisher moves to newer builds" for b in moving)
+        said = "; ".join(f"{IMAGE_KEYS[b][0]} {images[b]} has a tag its publisher moves to newer builds"
+                         for b in moving)
         said = said or "; ".join(f"{IMAGE_KEYS[b][0]} {images[b]}: the tag is not a release version, so it may move"
                                  for b in unknown)
         return (failed if moving else warned)(check, said, "in the pipeline file:\n" + "\n".join(lines))
@@ -92,7 +94,8 @@ def values_files(config: PipelineConfig, subject: Subject) -> Finding:
         return failed(check, "; ".join(f"{key}: {problem}" for key, problem in problems),
                       "\n".join(f"fix or replace the file named by {key} (commit it, then run doctor again)"
                                 for key, _ in problems))
-    return passed(check, f"{count} values file(s) in the checkout at {subject.source.commit[:12]} read as YAML mappings")
+    return passed(check, f"{count} values file(s) in the checkout at {subject.source.commit[:12]} "
+                  "read as YAML mappings")
 
 
 def template_argv(config: PipelineConfig, component: ComponentSpec, subject: Subject, helm: str,
