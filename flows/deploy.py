@@ -225,6 +225,18 @@ def release_lock_name(release: ReleaseSpec) -> str:
     return f"helm-release-{release.namespace}-{release.name}"
 
 
+def helm_template_argv(binary: str, upgrade_argv: list[str]) -> list[str]:
+    """`helm template` with the chart, values and namespace of a `helm upgrade --install` argv."""
+    upgrade = upgrade_argv.index("upgrade")
+    template = [binary, "template", *upgrade_argv[upgrade + 2:]]
+    flags = {"--wait", "--create-namespace", "--rollback-on-failure", "--atomic"}
+    template = [a for a in template if a not in flags]
+    for option in ("--timeout", "--output"):
+        at = template.index(option)
+        del template[at:at + 2]
+    return template
+
+
 HELM_STORAGE_KINDS = {"secret": "secrets", "secrets": "secrets", "configmap": "configmaps", "configmaps": "configmaps"}
 
 
@@ -264,14 +276,7 @@ class Helm:
 
     async def template(self, argv: list[str]) -> str:
         """The manifest an upgrade with these arguments would apply."""
-        upgrade = argv.index("upgrade")
-        template = [self.binary, "template", *argv[upgrade + 2:]]
-        flags = {"--wait", "--create-namespace", "--rollback-on-failure", "--atomic"}
-        template = [a for a in template if a not in flags]
-        for option in ("--timeout", "--output"):
-            at = template.index(option)
-            del template[at:at + 2]
-        return await run_helm(template, 120)
+        return await run_helm(helm_template_argv(self.binary, argv), 120)
 
     async def history(self, api: client.ApiClient) -> dict[int, str]:
         """Revision -> status, from the `version` and `status` labels helm puts on its storage objects

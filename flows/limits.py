@@ -42,13 +42,21 @@ async def ensure_limit(name: str, limit: int) -> None:
     """
     if name in _ENSURED:
         return
+    await create_missing_limit(name, limit)
+    _ENSURED.add(name)
+
+
+async def create_missing_limit(name: str, limit: int) -> bool:
+    """Create the global concurrency limit `name` unless it exists (then it is left as it is); whether it did."""
     async with get_client() as prefect:
         try:
             await prefect.read_global_concurrency_limit_by_name(name)
+            return False
         except ObjectNotFound:
             with contextlib.suppress(ObjectAlreadyExists):
                 await prefect.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
-    _ENSURED.add(name)
+                return True
+    return False
 
 
 async def previous_table(key: str) -> list[dict] | None:
