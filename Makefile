@@ -5,6 +5,8 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 unexport PYTHONDONTWRITEBYTECODE
 # the first start of the local Prefect server migrates its SQLite database, which takes longer than the default 20 s
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+# the local servers of the demo, the tests and the benchmarks send no telemetry (nothing leaves 127.0.0.1)
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 PYTHON := .venv/bin/python
 
 setup:
