@@ -316,6 +316,13 @@ def run_async(coroutine_fn, kubeconfig: pathlib.Path):
     return asyncio.run(main())
 
 
+def test_the_seeded_node_reads_as_a_node_model_of_the_official_client(emu, kubeconfig):
+    """kubernetes_asyncio's V1NodeSystemInfo refuses a node without every field the kubelet fills."""
+    nodes = run_async(lambda api: client.CoreV1Api(api).list_node(), kubeconfig)
+    [node] = nodes.items
+    assert node.status.node_info.architecture == "amd64" and node.status.node_info.boot_id
+
+
 def test_async_client_watches_job_to_completion(emu, kubeconfig):
     async def scenario(api):
         batch = client.BatchV1Api(api)

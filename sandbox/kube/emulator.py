@@ -95,8 +95,12 @@ class KubeEmulator:
             "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
                        "capacity": {"cpu": "8", "memory": "32Gi", "pods": "110"},
                        "allocatable": {"cpu": "8", "memory": "32Gi", "pods": "110"},
-                       "nodeInfo": {"kubeletVersion": "v1.35.0", "operatingSystem": "linux",
-                                    "architecture": "amd64", "containerRuntimeVersion": "containerd://2.1.0"}}})
+                       # every field the kubelet fills (kubernetes/kubernetes pkg/kubelet/nodestatus/setters.go
+                       # MachineInfo and VersionInfo, v1.35); k8s.io/api core/v1 NodeSystemInfo has them required
+                       "nodeInfo": {"machineID": "0" * 32, "systemUUID": "ec2" + "0" * 29, "bootID": "sandbox-boot",
+                                    "kernelVersion": "6.12.0-sandbox", "osImage": "Amazon Linux 2023",
+                                    "containerRuntimeVersion": "containerd://2.1.0", "kubeletVersion": "v1.35.0",
+                                    "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"}}})
 
     # ---------------------------------------------------------------- lifecycle
 
