@@ -20,8 +20,9 @@ from flows.build import (
 )
 from flows.builders import job_manifest
 from flows.config import Builder, ComponentSpec, ConfigError, PipelineConfig, check_paths, load_config
+from flows.deploy import DIGEST_PLACEHOLDER
 from flows.dockerignore import IgnoreFileError, load_ignore_file
-from flows.deploy import DIGEST_PLACEHOLDER, helm_upgrade_argv
+from flows.helm import helm_upgrade_argv
 from flows.package import PackagedContext, archive_paths, package_context
 from flows.source import SourceCheckout, cache_root, checkout, public_url, resolve_repo
 

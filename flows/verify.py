@@ -30,6 +30,7 @@ from kubernetes_asyncio import client
 from pydantic import BaseModel, ConfigDict
 
 from flows.config import HttpCheckSpec, McpCheckSpec, ReleaseSpec, VerifySpec
+from flows.helm import DeployFailed, Helm
 from flows.kube import authorization, authorization_after_refusal, tls_context
 
 TEST_LOG_LINES = 20
@@ -295,10 +296,8 @@ async def check_http(http: httpx2.AsyncClient, url: str, status: int) -> int:
     return response.status_code
 
 
-async def run_helm_test(helm, release: ReleaseSpec) -> None:
-    """`helm test`; VerificationFailed with the failing tests' logs. `helm` is a flows.deploy.Helm."""
-    from flows.deploy import DeployFailed  # flows.deploy imports this module
-
+async def run_helm_test(helm: Helm, release: ReleaseSpec) -> None:
+    """`helm test`; VerificationFailed with the failing tests' logs."""
     try:
         await helm.run(helm_test_args(release), release.verify.timeout_seconds + 60)
     except DeployFailed as exc:

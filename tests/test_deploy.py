@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prefect.blocks.system import Secret
 
-from flows.deploy import DeployFailed
+from flows.helm import DeployFailed
 from flows.pipeline import PipelineFailed
 from sandbox.example import commit_all
 from tests.conftest import HELM, run_logs

@@ -118,7 +118,7 @@ def test_a_scoped_token_is_refused_with_ecrs_text_on_another_repository(sandbox,
     token = mint_build_token(credentials, REGISTRY, role_arn=BUILD_ROLE_ARN, repositories=[MCP_REPOSITORY],
                              session="scope-test", lasting_seconds=900)
     holder = ecr_auth.token_holder(sandbox.aws, token.token.get_secret_value())
-    arn = f"arn:aws:ecr:us-west-2:123456789012:repository/agents-on-eks/weather-agent"
+    arn = "arn:aws:ecr:us-west-2:123456789012:repository/agents-on-eks/weather-agent"
 
     assert ecr_auth.refusal(holder, "ecr:PutImage", arn.replace("weather-agent", "weather-mcp")) is None
     assert ecr_auth.refusal(holder, "ecr:InitiateLayerUpload", arn) == (

@@ -11,7 +11,6 @@ import asyncio
 import base64
 import http.client
 import http.server
-import json
 import socket
 import stat
 import sys

@@ -36,7 +36,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from flows.aws import aws_client
 from flows.build import BUILDKIT_CACHE_TAG
-from flows.config import ECR_HOST, ComponentSpec, PipelineConfig
+from flows.config import ECR_HOST, PipelineConfig
 from flows.doctor import Subject
 from flows.doctor.findings import Finding, failed, passed, warned
 from flows.plan import cache_repository

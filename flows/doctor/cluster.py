@@ -169,7 +169,7 @@ async def discovery(api: client.ApiClient, api_versions: set[str]) -> dict[tuple
 async def rendered(subject: Subject, component) -> list[dict]:
     """The objects `helm template` renders for a component's release with its values (secret values as
     placeholders: only the kinds matter here)."""
-    from flows.deploy import Helm, helm_binary, helm_upgrade_argv, secret_values_document
+    from flows.helm import Helm, helm_binary, helm_upgrade_argv, secret_values_document
 
     release = component.release
     with tempfile.TemporaryDirectory(prefix="doctor-") as scratch:

@@ -17,9 +17,9 @@ from pydantic import SecretStr
 
 from flows.build import buildkit_image
 from flows.config import DEFAULT_BUILDKIT_IMAGE, DEFAULT_KANIKO_IMAGE, ComponentSpec, PipelineConfig, yaml_problem
-from flows.deploy import DeployFailed, Helm, helm_binary, helm_template_argv, helm_upgrade_argv, secret_values_file
 from flows.doctor import Subject
 from flows.doctor.findings import Finding, failed, passed, warned
+from flows.helm import DeployFailed, Helm, helm_binary, helm_template_argv, helm_upgrade_argv, secret_values_file
 
 # Tags their publishers move to newer images: moby/buildkit v0.31.2 README "Containerizing BuildKit" and
 # .github/workflows/buildkit.yml ("versioning strategy": latest, rootless, master, nightly, and their -rootless /
