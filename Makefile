@@ -12,10 +12,11 @@ PYTHON := .venv/bin/python
 setup:
 	@bash scripts/setup.sh
 
-# two sessions side by side, each with its own Prefect server and sandbox; a file's tests stay together in one
-# (pytest-dev/pytest-xdist docs/distribution.rst, `--dist loadfile`), as its module fixtures need
+# three sessions side by side, each with its own Prefect server and sandbox (on 2 cores: much of a session's time
+# is spent waiting on flow runs, workers and helm); a file's tests stay together in one (pytest-dev/pytest-xdist
+# docs/distribution.rst, `--dist loadfile`), as its module fixtures need
 test: setup
-	$(PYTHON) -m pytest -q -n 2 --dist loadfile
+	$(PYTHON) -m pytest -q -n 3 --dist loadfile
 
 demo: setup
 	$(PYTHON) -m sandbox.demo

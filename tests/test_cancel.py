@@ -14,7 +14,7 @@ from prefect.client.schemas.objects import State, StateType
 from flows.build_run import delete_run_objects
 from flows.kube import kube_api
 from tests.conftest import HELM, wait_until
-from tests.test_operations import MCP_REPOSITORY, serving
+from tests.operating import MCP_REPOSITORY, serving
 
 MCP = "weather-mcp"
 FLOW_RUN_LABEL = "buildkit-pipeline/flow-run"

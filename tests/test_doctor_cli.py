@@ -10,7 +10,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 
 from flows.cli import main
 from sandbox.example import commit_all
-from tests.test_operations import last_run, run_script, serving, wait_for_deployment
+from tests.operating import last_run, run_script, serving, wait_for_deployment
 
 
 def test_a_pipeline_file_that_does_not_load_exits_2_before_any_check(tmp_path, capsys):

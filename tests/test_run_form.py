@@ -21,7 +21,7 @@ from flows.config import ConfigError, load_config
 from flows.source import ref_problem
 from sandbox.example import commit_all
 from sandbox.githttp import GitHost
-from tests.test_operations import serving
+from tests.operating import serving
 from tests.test_security import exception_chain_text, run_artifacts, run_jobs, run_logs, task_run_messages
 
 DEPLOYMENTS = ("build-and-deploy/on-demand", "build-and-deploy/nightly", "compare-builders/compare")
