@@ -1,16 +1,12 @@
-"""`buildkit-pipeline doctor` the ways operators run it: the command (text, `--json`, exit codes, `--sandbox` as
-`make demo` runs it) and the `doctor` deployment, served and run through the API."""
+"""`buildkit-pipeline doctor` as operators run it from a shell: `--json`, exit codes, `--sandbox` as `make demo` runs
+it. The served `doctor` deployment is run in tests/test_operations.py, next to the other served deployments."""
 
 from __future__ import annotations
 
 import json
 
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
-
 from flows.cli import main
 from sandbox.example import commit_all
-from tests.operating import last_run, run_script, serving, wait_for_deployment
 
 
 def test_a_pipeline_file_that_does_not_load_exits_2_before_any_check(tmp_path, capsys):
@@ -41,22 +37,3 @@ def test_doctor_sandbox_exits_1_for_a_failing_check_and_prints_json_with_its_fix
     assert groups == {"pipeline", "aws", "ecr", "cluster", "nodes", "prefect"}
     assert all(check["status"] == "pass" for check in report["checks"]
                if check["check"].partition(".")[0] in ("aws", "ecr", "cluster", "nodes"))
-
-
-def test_the_served_doctor_deployment_checks_the_target_and_records_its_findings(prefect_server, sandbox,
-                                                                                   example_app):
-    with serving(example_app) as app:
-        wait_for_deployment("doctor/doctor", config=str(app.pipeline_file.resolve()))
-        completed = run_script("doctor/doctor", "--watch-timeout", "240", timeout=300)
-    assert completed.returncode == 0, completed.stdout + completed.stderr
-
-    run = last_run("doctor/doctor")
-    assert run.state.is_completed()
-    with get_client(sync_client=True) as client:
-        [artifact] = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["doctor"])),
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-    rows = [line for line in artifact.data.splitlines() if line.startswith("| ✓ ") or line.startswith("| ✗ ")]
-    checked = {row.split("`")[1] for row in rows}
-    assert {"aws.bucket", "ecr.repositories", "cluster.rbac", "nodes.platforms", "pipeline.charts"} <= checked
-    assert not any(row.startswith("| ✗ ") for row in rows)

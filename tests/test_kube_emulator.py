@@ -316,6 +316,20 @@ def run_async(coroutine_fn, kubeconfig: pathlib.Path):
     return asyncio.run(main())
 
 
+def test_watchers_that_leave_at_once_leave_no_watch_behind(emu):
+    """A client that closes its connection right after asking (even before the headers) ends its watch: the
+    API server's watch ends with its request's context (k8s.io/apiserver pkg/endpoints/handlers/watch.go)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(emu.url)
+    listeners = len(emu.store._listeners)
+    for _ in range(30):
+        with socket.create_connection((parts.hostname, parts.port)) as sock:
+            sock.sendall(b"GET /api/v1/namespaces/default/pods?watch=true HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_until(lambda: len(emu.store._listeners) == listeners and not emu._server.open_watches, 10)
+
+
 def test_the_seeded_node_reads_as_a_node_model_of_the_official_client(emu, kubeconfig):
     """kubernetes_asyncio's V1NodeSystemInfo refuses a node without every field the kubelet fills."""
     nodes = run_async(lambda api: client.CoreV1Api(api).list_node(), kubeconfig)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 
 import kubernetes_validate
 import pytest
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 from prefect_aws import S3Bucket
 
 from blocks.target import BuildKitPipelineTarget
@@ -17,7 +18,7 @@ from flows.config import load_config
 from flows.pipeline import connection
 from sandbox.example import add_agent, commit_all
 from tests.conftest import REPO_ROOT
-from tests.operating import MCP_REPOSITORY, prefect, prefect_env, serving
+from tests.operating import MCP_REPOSITORY, last_run, prefect, run_script, serving, wait_for_deployment
 
 
 @pytest.fixture
@@ -59,18 +60,32 @@ def test_three_components_build_in_parallel_and_agents_deploy_after_the_mcp_serv
         assert by_name[agent].outcome == "deployed"
 
 
-def test_a_script_run_of_the_served_deployment_exits_0_then_1_for_a_failing_component(served, sandbox):
-    run_script = [str(REPO_ROOT / "deployments" / "run.sh"), "on-demand", "--watch-timeout", "240"]
-    completed = subprocess.run(run_script, cwd=REPO_ROOT, env=prefect_env(), capture_output=True, text=True,
-                               timeout=300)
+def test_script_runs_of_the_served_deployments_exit_0_then_1_for_a_failing_component_and_doctor_checks(served,
+                                                                                                     sandbox):
+    """`deployments/run.sh` against `python -m deployments.serve`; the served `doctor` deployment checks the same
+    target (the sandbox's account and cluster) and records its findings as the run's `doctor` artifact."""
+    mcp_only = ("--param", 'components=["weather-mcp"]', "--watch-timeout", "240")
+    completed = run_script("on-demand", *mcp_only)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     release = served.config.component("weather-mcp").release
     assert sandbox.kube.get("deployments", release.namespace, release.name) is not None
 
+    wait_for_deployment("doctor/doctor", config=str(served.pipeline_file.resolve()))
+    checked = run_script("doctor/doctor", "--watch-timeout", "240")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    doctor = last_run("doctor/doctor")
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["doctor"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[doctor.id])))
+    rows = [line for line in artifact.data.splitlines() if line.startswith(("| ✓ ", "| ! ", "| ✗ "))]
+    assert {"aws.bucket", "ecr.repositories", "cluster.rbac", "nodes.platforms", "pipeline.charts"} <= {
+        row.split("`")[1] for row in rows}
+    assert not [row for row in rows if row.startswith("| ✗ ")]
+
     sandbox.buildkit.failures[MCP_REPOSITORY] = "failed to read dockerfile: open Dockerfile: no such file or directory"
     try:
-        failed = subprocess.run([*run_script, "--param", "skip_unchanged=false"], cwd=REPO_ROOT, env=prefect_env(),
-                                capture_output=True, text=True, timeout=300)
+        failed = run_script("on-demand", *mcp_only, "--param", "skip_unchanged=false")
     finally:
         sandbox.buildkit.failures.pop(MCP_REPOSITORY)
     assert failed.returncode == 1, failed.stdout + failed.stderr

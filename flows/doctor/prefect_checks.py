@@ -15,6 +15,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from flows.aio import within
 from flows.doctor import Subject
 from flows.doctor.findings import Finding, failed, passed, warned
 from flows.limits import create_missing_limit
@@ -36,8 +37,8 @@ def work_pools(prefect_yaml: Path = PREFECT_YAML) -> list[str]:
 async def server(api_url: str) -> Finding:
     async with get_client() as prefect:
         try:
-            problem = await asyncio.wait_for(prefect.api_healthcheck(), SERVER_SECONDS)
-            version = None if problem else await asyncio.wait_for(prefect.api_version(), SERVER_SECONDS)
+            problem = await within(prefect.api_healthcheck(), SERVER_SECONDS)
+            version = None if problem else await within(prefect.api_version(), SERVER_SECONDS)
         except asyncio.TimeoutError:
             problem = f"no answer within {SERVER_SECONDS:.0f} s"
     if problem:

@@ -374,12 +374,12 @@ class ApiServer:
                                                            "Cache-Control": "no-cache, private"})
         response.enable_chunked_encoding()
         record.status = 200
-        await response.prepare(request)
-        if gone is not None:
-            await response.write(_line({"type": "ERROR", "object": gone.status()}))
-            return response
         self.open_watches.add(queue)
-        try:
+        try:  # a watcher that goes away, even before the headers, ends its watch, not an error of the server
+            await response.prepare(request)
+            if gone is not None:
+                await response.write(_line({"type": "ERROR", "object": gone.status()}))
+                return response
             for obj in initial:
                 await response.write(_line({"type": "ADDED", "object": obj}))
             if flag(query, "sendInitialEvents") and flag(query, "allowWatchBookmarks"):
