@@ -400,7 +400,10 @@ class Run:
             if not has_checks(release.verify, hooks):
                 return None
             verifying.append(time.perf_counter())
-            return await self.verify(component, installed["version"], hooks, helm)
+            try:
+                return await self.verify(component, installed["version"], hooks, helm)
+            finally:
+                verifying.append(time.perf_counter())
 
         try:
             secret_values = (await tasks.read_release_secrets(release, component=component.name)
@@ -411,10 +414,14 @@ class Run:
                 kubeconfig=self.kubeconfig, secret_values=secret_values, verify=verify,
             )
         finally:
+            # verify's seconds are the checks; what follows them (a rollback after a failed check, releasing the
+            # release's lock, ending the task) is the deploy stage's, in its seconds though not in its span
             ended = time.perf_counter()
             record_span(result, "deploy", started, verifying[0] if verifying else ended)
             if verifying:
-                record_span(result, "verify", verifying[0], ended)
+                checked = verifying[1] if len(verifying) > 1 else ended
+                record_span(result, "verify", verifying[0], checked)
+                result.seconds["deploy"] = round(result.seconds["deploy"] + ended - checked, 3)
         result.outcome = "deployed"
         emit_event(
             event="helm.release.upgraded",

@@ -106,6 +106,10 @@ def test_a_server_that_answers_http_but_not_mcp_is_rolled_back_and_the_agent_ski
     assert f"{AGENT}: not deployed because {MCP} did not deploy" in message
     rows = {(r["component"], r["stage"]): r for r in timing_artifact(state.state_details.flow_run_id)}
     assert rows[(MCP, "verify")]["outcome"] == "failed" and rows[(MCP, "verify")]["seconds"] > 0
+    verified, deployed = rows[(MCP, "verify")], rows[(MCP, "deploy")]
+    assert verified["seconds"] == pytest.approx(verified["ended_s"] - verified["started_s"], abs=0.002)
+    # the rollback after the failed check is the deploy stage's: in its seconds, after its span
+    assert deployed["seconds"] > deployed["ended_s"] - deployed["started_s"] + 0.1
     assert (AGENT, "deploy") not in rows and rows[(AGENT, "build")]["outcome"] == "skipped"
     assert history(sandbox, app, MCP) == [(1, "superseded"), (2, "superseded"), (3, "deployed")]
     assert deployed_image(sandbox, app, MCP) == good_image
