@@ -68,8 +68,9 @@ def _call_flow(args: argparse.Namespace, flow, report, check=lambda config, sele
 
     Bad input (an unknown component, or what `check` refuses) exits 2 before a flow run exists.
     """
-    from flows.pipeline import PipelineFailed, connected_locally
+    from flows.pipeline import connected_locally
     from flows.plan import prepare_source, select
+    from flows.results import PipelineFailed
 
     kwargs.update(config=str(Path(args.config).resolve()), ref=args.ref, components=_components(args.components))
     config, _ = prepare_source(Path(args.config), args.ref)

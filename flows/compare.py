@@ -23,16 +23,13 @@ from pydantic import BaseModel, Field
 from flows import tasks
 from flows.build_run import ImageFacts
 from flows.config import Builder, ComponentSpec, ConfigError, PipelineConfig
+from flows.deployed import pipeline_file
 from flows.kube import kube_api
 from flows.limits import ensure_limit
-from flows.deployed import pipeline_file
 from flows.pipeline import (
     BUILDKIT_LIMIT,
     BUILDKIT_LIMIT_DEFAULT,
     LOCAL_CONNECTION,
-    RUN_STARTED,
-    ComponentResult,
-    PipelineFailed,
     Run,
     check_scopable,
     clean_up_run,
@@ -41,6 +38,7 @@ from flows.pipeline import (
     package_all,
 )
 from flows.plan import select
+from flows.results import RUN_STARTED, ComponentResult, PipelineFailed
 from flows.run_timeout import flow_timeout_seconds
 
 COMPARED: tuple[Builder, ...] = ("buildkit", "kaniko")

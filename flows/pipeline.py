@@ -17,9 +17,9 @@ import contextlib
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import datetime, timedelta, timezone
 from dataclasses import dataclass, field
-from typing import Annotated, AsyncIterator, Iterator, Literal
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, AsyncIterator, Iterator
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
@@ -28,16 +28,14 @@ from prefect.events import emit_event
 from prefect.logging.loggers import flow_run_logger
 from prefect.runtime import deployment, flow_run
 from prefect_aws import AwsCredentials
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from blocks.target import BuildKitPipelineTarget
 from flows import tasks
 from flows.aws import aws_client, credentials_lasting
-from flows.build import BuiltImage
 from flows.build_run import delete_run_objects
 from flows.builders import log_reader
 from flows.config import ECR_HOST, Builder, ComponentSpec, ConfigError, PipelineConfig, load_config
-from flows.deploy import DeployedRelease
 from flows.deployed import pipeline_file
 from flows.diagnose import explain_failure
 from flows.kube import kube_api
@@ -47,6 +45,14 @@ from flows.plan import cache_repository, plan_component, select
 from flows.progress import step_table
 from flows.registry_auth import RegistryToken, check_role_arn, session_name
 from flows.report import format_timing, timeline_markdown, timing_rows
+from flows.results import (
+    RUN_STARTED,
+    ComponentResult,
+    PipelineFailed,
+    PipelineResult,
+    record_span,
+    timed,
+)
 from flows.run_timeout import flow_timeout_seconds
 from flows.source import SourceCheckout
 from flows.upload import StoredContext, presign
@@ -59,55 +65,7 @@ from flows.verify import (
     warm_mcp_client,
 )
 
-STAGES = ("package", "queue", "upload", "registry-auth", "build", "deploy", "verify")
 BUILDKIT_LIMIT, BUILDKIT_LIMIT_DEFAULT = "buildkit", 10
-RUN_STARTED: ContextVar[float] = ContextVar("run_started", default=0.0)
-
-
-class ComponentResult(BaseModel):
-    name: str
-    outcome: Literal["deployed", "built", "unchanged", "planned", "failed", "skipped"] = "failed"
-    archive_sha256: str | None = None
-    context_uploaded: bool | None = None
-    image: BuiltImage | None = None
-    release: DeployedRelease | None = None
-    seconds: dict[str, float] = {}
-    spans: dict[str, tuple[float, float]] = {}
-    error: str | None = None
-    steps: list[dict] = []
-    cache_hits: tuple[int, int] | None = None
-    builder: Builder | None = None
-
-
-class PipelineResult(BaseModel):
-    commit: str
-    ref: str
-    components: list[ComponentResult]
-    seconds: dict[str, float] = {}
-
-    @property
-    def failed(self) -> list[ComponentResult]:
-        return [c for c in self.components if c.outcome in ("failed", "skipped")]
-
-
-class PipelineFailed(RuntimeError):
-    pass
-
-
-def record_span(result: ComponentResult, stage: str, started: float, ended: float) -> None:
-    """A stage's duration, and its start and end in seconds since the run started (`time.perf_counter()` values)."""
-    result.seconds[stage] = round(ended - started, 3)
-    result.spans[stage] = (round(started - RUN_STARTED.get(), 3), round(ended - RUN_STARTED.get(), 3))
-
-
-@contextmanager
-def timed(result: ComponentResult, stage: str):
-    """Record a stage's duration, and its start and end in seconds since the run started."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        record_span(result, stage, started, time.perf_counter())
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,15 @@
 """What a finished run reports: per-stage timing rows, the CLI table, the critical path and a timeline.
 
-Pure functions of a `PipelineResult`; nothing here talks to Prefect or the network,
+Pure functions of a `PipelineResult` (flows/results.py); nothing here talks to Prefect or the network,
 so `flows/pipeline.py` can turn their output into artifacts and log lines.
-
-`STAGES` lives in `flows/pipeline.py`, which imports this module; every function
-that needs the stage order takes it as `stages=` and otherwise imports it lazily.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    from flows.pipeline import ComponentResult, PipelineResult
+from flows.results import STAGES, ComponentResult, PipelineResult
 
 BAR_WIDTH = 50
 # Spans are rounded to milliseconds, so "ended before it started" needs a little slack.
@@ -34,11 +30,7 @@ class Segment(NamedTuple):
 
 
 def _stage_order(stages: Sequence[str] | None) -> tuple[str, ...]:
-    if stages is not None:
-        return tuple(stages)
-    from flows.pipeline import STAGES  # lazy: flows.pipeline imports this module
-
-    return STAGES
+    return tuple(stages) if stages is not None else STAGES
 
 
 def _ordered(names: Iterable[str], stages: Sequence[str]) -> list[str]:

@@ -10,8 +10,15 @@ import uuid
 import pytest
 
 from sandbox.apps import busybox
-from sandbox.builders import OCI, built_image, dockerfile_instructions, final_stage_steps, image_manifest, \
-    push_manifest, remember_build
+from sandbox.builders import (
+    OCI,
+    built_image,
+    dockerfile_instructions,
+    final_stage_steps,
+    image_manifest,
+    push_manifest,
+    remember_build,
+)
 from tests.conftest import REPO_ROOT, wait_until
 
 KUBECTL = REPO_ROOT / ".tools" / "bin" / "kubectl"

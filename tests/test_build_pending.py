@@ -14,7 +14,7 @@ import pytest
 
 from flows import pending
 from flows.aio import within
-from flows.pipeline import PipelineFailed
+from flows.results import PipelineFailed
 from tests.conftest import jobs, wait_until
 from tests.test_build_sandbox import MCP_REPOSITORY
 from tests.test_deploy import deployed_image, edit_pipeline

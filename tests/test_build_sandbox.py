@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from flows.pipeline import PipelineFailed, build_and_deploy
+from flows.pipeline import build_and_deploy
+from flows.results import PipelineFailed
 from sandbox.example import commit_all
 from tests.conftest import by_name, jobs, run_logs, wait_until
 

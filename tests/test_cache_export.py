@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from sandbox.example import commit_all
-from tests.conftest import by_name
-from tests.conftest import run_logs
+from tests.conftest import by_name, run_logs
 from tests.test_live_log import steps_artifact
 
 MCP = "weather-mcp"

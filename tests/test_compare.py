@@ -7,7 +7,6 @@ import json
 from collections import Counter
 
 import pytest
-
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 

@@ -15,7 +15,7 @@ import yaml
 from prefect.blocks.system import Secret
 
 from flows.helm import DeployFailed
-from flows.pipeline import PipelineFailed
+from flows.results import PipelineFailed
 from sandbox.example import commit_all
 from tests.conftest import HELM, run_logs
 

@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from flows.build_run import reuse_refusal
 from flows.plan import CONTEXT_SHA256_LABEL
 from flows.registry_auth import (
     PUSH_AND_PULL_ACTIONS,
@@ -20,7 +21,6 @@ from flows.registry_auth import (
     mint_build_token,
     session_name,
 )
-from flows.build_run import reuse_refusal
 from sandbox import ecr_auth
 from sandbox.aws import BUILD_ROLE_ARN, AwsSandbox
 from sandbox.builders import OCI, image_manifest, push_manifest

@@ -17,8 +17,17 @@ from kubernetes_asyncio import client
 from flows.kube import Watch, kube_api
 from sandbox.kube import exec_credential
 from tests.conftest import wait_until
-from tests.test_rbac import KUBECTL, RBAC_FILE, RELEASE_RBAC_FILE, admin, call, helm_revisions, \
-    in_build_namespace, release_names, run_as
+from tests.test_rbac import (
+    KUBECTL,
+    RBAC_FILE,
+    RELEASE_RBAC_FILE,
+    admin,
+    call,
+    helm_revisions,
+    in_build_namespace,
+    release_names,
+    run_as,
+)
 
 PRINCIPAL = "arn:aws:iam::123456789012:role/buildkit-pipeline"
 USERNAME, GROUP = "buildkit-pipeline-ci", "buildkit-pipeline"

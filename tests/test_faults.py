@@ -23,7 +23,7 @@ import pytest
 from prefect_aws import AwsClientParameters
 
 from flows import tasks
-from flows.pipeline import PipelineFailed
+from flows.results import PipelineFailed
 from flows.upload import context_key
 from sandbox.faultproxy import FaultProxy
 from tests.conftest import by_name, jobs, wait_until

@@ -18,8 +18,7 @@ import pytest
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from sandbox.kube import KubeEmulator, PodHandle
-from sandbox.kube import patching, protobuf
+from sandbox.kube import KubeEmulator, PodHandle, patching, protobuf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KUBECTL = ROOT / ".tools" / "bin" / "kubectl"

@@ -9,8 +9,8 @@ import pytest
 
 from flows.build import BuiltImage
 from flows.deploy import DeployedRelease
-from flows.pipeline import STAGES, ComponentResult, PipelineResult
 from flows.report import critical_path, format_timing, timeline_markdown, timing_rows
+from flows.results import STAGES, ComponentResult, PipelineResult
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 AGENT_AFTER_MCP = {"weather-agent": ["weather-mcp"]}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import load_config
-from flows.pipeline import PipelineFailed
+from flows.results import PipelineFailed
 from sandbox.example import commit_all, create_example_repo
 from tests.conftest import HELM, ExampleApp
 

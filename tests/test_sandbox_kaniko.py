@@ -21,7 +21,7 @@ import pytest
 from pydantic import SecretStr
 
 import flows.build_run
-from flows.build import BuildFailed, BuiltImage, BuildRequest
+from flows.build import BuildFailed, BuildRequest, BuiltImage
 from flows.build_run import run_build
 from flows.config import load_config
 from flows.kaniko import kaniko_job_manifest

@@ -32,7 +32,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
 
-from flows.pipeline import PipelineFailed, build_and_deploy
+from flows.pipeline import build_and_deploy
+from flows.results import PipelineFailed
 from sandbox import ecr_auth
 from sandbox.aws import BUILD_ROLE_ARN
 from sandbox.example import commit_all

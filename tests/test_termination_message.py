@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from flows.pipeline import PipelineFailed
+from flows.results import PipelineFailed
 from sandbox.example import commit_all
 from sandbox.kube.containerfs import ContainerFS, Node
 from sandbox.shell import run_argv

@@ -26,9 +26,8 @@ from kubernetes_asyncio import client
 
 from flows.config import ConfigError, VerifySpec, parse_config
 from flows.kube import kube_api
-from flows.pipeline import ComponentResult, PipelineResult
 from flows.report import critical_path, format_timing
-from sandbox.kube import tls
+from flows.results import ComponentResult, PipelineResult
 from flows.verify import (
     VerificationFailed,
     check_http,
@@ -43,6 +42,7 @@ from flows.verify import (
     proxy_url,
     release_test_hooks,
 )
+from sandbox.kube import tls
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "mcp-servers"

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import PipelineFailed
+from flows.results import PipelineFailed
 from sandbox.demo import ask_the_agent
 from sandbox.example import commit_all
 from tests.conftest import by_name, run_events, run_logs
-from tests.test_pipeline_e2e import timing_artifact
 from tests.test_deploy import MCP_CONTEXT, deployed_image, edit_pipeline, history
+from tests.test_pipeline_e2e import timing_artifact
 
 MCP, AGENT = "weather-mcp", "weather-agent"
 MCP_CHART = Path("manifests/helm/mcp")
