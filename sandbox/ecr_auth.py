@@ -139,8 +139,10 @@ def _get_download_url_for_layer(self):
                      {"code": "LayersNotFoundException", "__module__": "moto.ecr.exceptions"})
         raise error(f"The layer with digest {digest} does not exist within the repository with name '{name}' in "
                     f"the registry with id '{registry_id}'")
-    # the URL of the front this request came through (it forwards Host unchanged), so that another sandbox in this
-    # process, started and stopped since, does not leave this one's URLs pointing at a closed port
+    # ECR answers with a presigned S3 URL on the registry's own layer bucket (source: AWS ECR API Reference,
+    # GetDownloadUrlForLayer, `downloadUrl`); here it is the S3 front the request came through (sandbox/faultproxy.py
+    # forwards Host unchanged), so another sandbox in this process, started and stopped since, cannot leave this
+    # one's URLs at a closed port. Its lifetime is LAYER_URL_SECONDS, enforced by that front as S3 would.
     front_url = f"http://{self.headers['Host']}"
     url = boto3.client("s3", region_name="us-east-1", endpoint_url=front_url,
                        aws_access_key_id="sandbox-access-key", aws_secret_access_key="sandbox-secret-key",
@@ -196,13 +198,16 @@ def _role_policies(account: str, role_arn: str) -> list[str]:
 
 
 def role_policies(owner) -> list[str]:
-    """The inline and attached managed policy documents of a moto IAM role, user or group."""
+    """The inline and attached managed policy documents of a moto IAM role, user or group: the identity-based
+    policies IAM evaluates for it (source: AWS IAM User Guide, reference_policies_evaluation-logic.html; moto 5.2.5
+    iam/models.py Role/User/Group `policies` and `managed_policies`)."""
     return list(owner.policies.values()) + [
         next(v.document for v in policy.versions if v.is_default) for policy in owner.managed_policies.values()]
 
 
 def caller(access_key_id: str) -> Principal | None:
-    """The principal behind an access key: an assumed-role session (its role's policies and session policy);
+    """The principal behind an access key: an assumed-role session, which may do what both its role's policies
+    and its session policy allow (source: AWS IAM User Guide, id_credentials_temp_control-access_assumerole.html);
     None for the sandbox's own key, the account's administrator."""
     session = _session(access_key_id)
     if session is None:

@@ -115,8 +115,10 @@ class Sandbox:
         for namespace in namespaces_to_provision(config):
             if self.kube.get("namespaces", None, namespace) is None:
                 self.kube.create("namespaces", None, {"metadata": {"name": namespace}})
-        # README "Pointing it at a real EKS cluster": deployments/rbac.yaml's build ServiceAccount, and step 4's
-        # Pod Security label (privileged, what the emulator enforces on an unlabelled namespace too)
+        # What README "Pointing it at a real EKS cluster" has an admin create: deployments/rbac.yaml's build
+        # ServiceAccount (token not mounted), and step 4's Pod Security label. `privileged` is also what the
+        # emulator applies to an unlabelled namespace, as the PodSecurity admission plugin's default configuration
+        # does (kubernetes/pod-security-admission admission/api/v1 defaults.go, v0.35.0: enforce "privileged").
         build = config.build
         if self.kube.get("serviceaccounts", build.namespace, build.service_account) is None:
             self.kube.create("serviceaccounts", build.namespace, {

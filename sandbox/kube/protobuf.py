@@ -45,7 +45,8 @@ DELETE_OPTIONS: Schema = {1: ("gracePeriodSeconds", "int"),
                           2: ("preconditions", {1: ("uid", "string"), 2: ("resourceVersion", "string")}),
                           3: ("orphanDependents", "bool"), 4: ("propagationPolicy", "string"),
                           5: ("dryRun", ("repeated", "string"))}
-# k8s.io/api authorization/v1 types.go (v0.35): what `kubectl auth can-i` sends
+# kubernetes/api authorization/v1/generated.proto (k8s.io/api v0.35.0, the protobuf field numbers of
+# SelfSubjectAccessReview, ResourceAttributes, NonResourceAttributes): what `kubectl auth can-i` sends
 RESOURCE_ATTRIBUTES: Schema = {1: ("namespace", "string"), 2: ("verb", "string"), 3: ("group", "string"),
                                4: ("version", "string"), 5: ("resource", "string"), 6: ("subresource", "string"),
                                7: ("name", "string")}
@@ -111,7 +112,9 @@ def _scalar(kind: Any, value: Any) -> Any:
     if kind == "int":
         return value - (1 << 64) if value >= 1 << 63 else value
     if kind == "time":
-        if not value:  # k8s.io/apimachinery pkg/apis/meta/v1/time_proto.go: a zero Time is sent empty, read back zero
+        # kubernetes/apimachinery pkg/apis/meta/v1/time_proto.go (v0.35.0): a zero Time marshals to an empty
+        # message and unmarshals back to the zero Time, which JSON writes as null
+        if not value:
             return None
         seconds = decode_message(value, TIME).get("seconds", 0)
         return datetime.datetime.fromtimestamp(seconds, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -229,6 +229,10 @@ class ApiServer:
         body = decode_body(await request.read(), request.content_type) if request.can_read_body else None
         verb = record.verb
         if rt.plural == "selfsubjectaccessreviews":
+            # create only: the review is computed, never stored (kubernetes/kubernetes
+            # pkg/registry/authorization/selfsubjectaccessreview/rest.go, v1.35: a Creater and nothing else); any
+            # other verb is 405 MethodNotAllowed, as the apiserver's installer answers a verb a resource lacks
+            # (kubernetes/apiserver pkg/endpoints/installer.go, v0.35.0)
             if verb != "create" or route.name is not None or route.subresource is not None:
                 raise errors.ApiError(405, "the server does not allow this method on the requested resource",
                                       "MethodNotAllowed")
@@ -375,7 +379,10 @@ class ApiServer:
         response.enable_chunked_encoding()
         record.status = 200
         self.open_watches.add(queue)
-        try:  # a watcher that goes away, even before the headers, ends its watch, not an error of the server
+        # a watcher that goes away, even before the headers, ends its watch, not an error of the server: the watch
+        # ends with its request's context (kubernetes/apiserver pkg/endpoints/handlers/watch.go serveWatchHandler,
+        # v0.35.0, returns on `<-ctx.Done()`), and its cacher watcher is stopped
+        try:
             await response.prepare(request)
             if gone is not None:
                 await response.write(_line({"type": "ERROR", "object": gone.status()}))
@@ -434,7 +441,9 @@ class ApiServer:
         response.enable_chunked_encoding()
         record.status = 200
         sent = len(chunks)
-        try:  # a follower that goes away ends its stream, not an error of the server
+        # a follower that goes away ends its stream, not an error of the server (kubernetes/apiserver
+        # pkg/registry/generic/rest/streamer.go, v0.35.0: the log stream is copied until the client's writer fails)
+        try:
             await response.prepare(request)
             await self._write_log(response, text)
             while not self.stopping:
@@ -720,6 +729,8 @@ def openapi_v3(path: str) -> dict | None:
     served = [rt for rt in catalog.RESOURCE_TYPES if rt.group == group and rt.version == version]
     if not served:
         return None
+    # only what can be patched has a PATCH operation (kubernetes/kube-openapi builds the paths from the verbs each
+    # resource serves): kubectl reads these for server-side apply, and a create-only review has none
     served = [rt for rt in served if "patch" in rt.verbs]
     return {"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.35.0"},
             "paths": {_item_path(rt): {"patch": _patch_operation(rt)} for rt in served},

@@ -42,7 +42,12 @@ def _name(common_name: str) -> x509.Name:
 
 
 def create(dns_names: tuple[str, ...] = ("localhost",), loopback_ip: bool = True) -> ServingCertificate:
-    """A CA and a serving certificate for 127.0.0.1 (unless `loopback_ip` is off) and `dns_names`."""
+    """A CA and a serving certificate for 127.0.0.1 (unless `loopback_ip` is off) and `dns_names`.
+
+    A client checks the server's name against these subject alternative names only, or against a kubeconfig's
+    `tls-server-name` when it has one (kubernetes/client-go rest/config.go TLSClientConfig.ServerName, v0.35.0;
+    golang/go crypto/x509 Certificate.VerifyHostname: no fallback to the common name), so a certificate without
+    the IP is what a cluster reached through another name presents."""
     names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))] if loopback_ip else []
     names += [x509.DNSName(name) for name in dns_names]
     now = datetime.datetime.now(datetime.UTC)
