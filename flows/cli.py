@@ -111,10 +111,10 @@ def _doctor(args: argparse.Namespace) -> int:
     from flows.plan import prepare_source
 
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    config, _ = prepare_source(Path(args.config), args.ref)
-    with _connection(args, config) as (connection, _sandbox):
+    prepared = prepare_source(Path(args.config), args.ref)
+    with _connection(args, prepared[0]) as (connection, _sandbox):
         findings = asyncio.run(check_target(Path(args.config), args.ref, args.target, fix=args.fix, say=say,
-                                            **connection))
+                                            prepared=prepared, **connection))
     print(render_json(findings) if args.json else render(findings))
     return exit_code(findings)
 

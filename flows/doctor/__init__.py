@@ -8,15 +8,19 @@ when the operator asked for `--fix`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from prefect_aws import AwsCredentials
 
-from flows.config import PipelineConfig
+from flows.config import ComponentSpec, PipelineConfig
 from flows.doctor.findings import Finding, failed
 from flows.source import SourceCheckout
+
+PLACEHOLDER_TAG = "doctor"
+PLACEHOLDER_SECRET = "doctor-placeholder"
 
 
 @dataclass
@@ -35,6 +39,34 @@ class Subject:
     build_role_arn: str | None
     api: object | None = None
     kube_error: str = ""
+    _manifests: dict[str, asyncio.Future] = field(default_factory=dict, repr=False)
+
+    def upgrade_argv(self, component: ComponentSpec, helm: str, secret_file: str | None) -> list[str]:
+        """The release's `helm upgrade --install` argv as a run builds it, with a placeholder image tag."""
+        from flows.helm import helm_upgrade_argv
+
+        return helm_upgrade_argv(component.release, repo_root=self.source.path,
+                                 image_repository=self.config.image_repository(component),
+                                 image_tag=PLACEHOLDER_TAG, helm=helm, secret_values_file=secret_file)
+
+    async def manifest(self, component: ComponentSpec) -> str:
+        """What `helm template` renders for the component's release with its values and `set`: once per doctor
+        run, for the pipeline-file and the cluster checks alike. flows.helm.DeployFailed with helm's error when the
+        chart does not render."""
+        if component.name not in self._manifests:
+            self._manifests[component.name] = asyncio.ensure_future(self._render(component))
+        return await self._manifests[component.name]
+
+    async def _render(self, component: ComponentSpec) -> str:
+        from pydantic import SecretStr
+
+        from flows.helm import Helm, helm_binary, secret_values_file
+
+        release, helm = component.release, helm_binary()
+        # never the set_secret values (Prefect Secret blocks): a placeholder of each, in a file as a run passes them
+        placeholders = {key: SecretStr(PLACEHOLDER_SECRET) for key in release.set_secret}
+        with secret_values_file(placeholders) as secret_file:
+            return await Helm(release, helm, None).template(self.upgrade_argv(component, helm, secret_file))
 
 
 @contextlib.asynccontextmanager

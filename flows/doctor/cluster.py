@@ -12,7 +12,6 @@ with the API's discovery), the test hook Pods when `helm test` runs, `services/p
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,21 +166,14 @@ async def discovery(api: client.ApiClient, api_versions: set[str]) -> dict[tuple
 
 
 async def rendered(subject: Subject, component) -> list[dict]:
-    """The objects `helm template` renders for a component's release with its values (secret values as
-    placeholders: only the kinds matter here)."""
-    from flows.helm import Helm, helm_binary, helm_upgrade_argv, secret_values_document
+    """The objects `helm template` renders for a component's release (Subject.manifest); none for a chart that
+    does not render, which pipeline.charts reports."""
+    from flows.helm import DeployFailed
 
-    release = component.release
-    with tempfile.TemporaryDirectory(prefix="doctor-") as scratch:
-        secret_file = None
-        if release.set_secret:
-            secret_file = str(Path(scratch) / "secret-values.yaml")
-            Path(secret_file).write_text(yaml.safe_dump(secret_values_document(
-                {key: "doctor-placeholder" for key in release.set_secret})))
-        argv = helm_upgrade_argv(release, repo_root=Path(subject.source.path),
-                                 image_repository=f"{subject.config.registry}/{component.image}", image_tag="doctor",
-                                 helm=helm_binary(), secret_values_file=secret_file)
-        manifest = await Helm(release, helm_binary(), None).template(argv)
+    try:
+        manifest = await subject.manifest(component)
+    except DeployFailed:
+        return []
     return [d for d in yaml.safe_load_all(manifest) if isinstance(d, dict) and d.get("kind")]
 
 

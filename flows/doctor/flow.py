@@ -27,15 +27,17 @@ class DoctorFailed(RuntimeError):
 
 async def check_target(config_path: Path, ref: str | None = None, target: str | None = None, *, fix: bool = False,
                        aws_credentials: AwsCredentials | None = None, kubeconfig: str | None = None,
-                       build_role_arn: str | None = None, say: Callable[[str], None] = print) -> list[Finding]:
+                       build_role_arn: str | None = None, say: Callable[[str], None] = print,
+                       prepared: tuple | None = None) -> list[Finding]:
     """Every check's finding. With `fix`, the safe repairs run (each announced first) and the checks run again.
 
     A pipeline file that does not load or a source that cannot be checked out is
     bad input (ConfigError, SourceError), raised before anything remote is asked.
+    `prepared` is the file's (config, checkout) when the caller has them already.
     """
     from flows.plan import prepare_source
 
-    config, source = prepare_source(config_path, ref)
+    config, source = prepared or prepare_source(config_path, ref)
     async with opened(config, source, target, aws_credentials, kubeconfig, build_role_arn) as subject:
         findings = await examine(subject, GROUPS)
         if fix and await repair(findings, say):

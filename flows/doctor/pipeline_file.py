@@ -13,13 +13,12 @@ import re
 import shlex
 
 import yaml
-from pydantic import SecretStr
 
 from flows.build import buildkit_image
 from flows.config import DEFAULT_BUILDKIT_IMAGE, DEFAULT_KANIKO_IMAGE, ComponentSpec, PipelineConfig, yaml_problem
 from flows.doctor import Subject
 from flows.doctor.findings import Finding, failed, passed, warned
-from flows.helm import DeployFailed, Helm, helm_binary, helm_template_argv, helm_upgrade_argv, secret_values_file
+from flows.helm import DeployFailed, helm_template_argv
 
 # Tags their publishers move to newer images: moby/buildkit v0.31.2 README "Containerizing BuildKit" and
 # .github/workflows/buildkit.yml ("versioning strategy": latest, rootless, master, nightly, and their -rootless /
@@ -31,8 +30,6 @@ MOVING_TAGS = frozenset({"latest", "rootless", "master", "nightly", "latest-ubun
 RELEASE_TAG = re.compile(r"^v?\d+\.\d+\.\d+([-.+][0-9A-Za-z.-]+)?$")
 IMAGE_KEYS = {"buildkit": ("build.image", DEFAULT_BUILDKIT_IMAGE),
               "kaniko": ("build.kaniko_image", DEFAULT_KANIKO_IMAGE)}
-PLACEHOLDER_TAG = "doctor"
-PLACEHOLDER_SECRET = "doctor-placeholder"
 
 
 def tag_pinning(image: str) -> str:
@@ -98,30 +95,18 @@ def values_files(config: PipelineConfig, subject: Subject) -> Finding:
                   "read as YAML mappings")
 
 
-def template_argv(config: PipelineConfig, component: ComponentSpec, subject: Subject, helm: str,
-                  secret_file: str | None) -> list[str]:
-    """The release's `helm upgrade --install` argv as a run builds it, with a placeholder image tag."""
-    return helm_upgrade_argv(component.release, repo_root=subject.source.path,
-                             image_repository=config.image_repository(component), image_tag=PLACEHOLDER_TAG,
-                             helm=helm, secret_values_file=secret_file)
-
-
 def shown_command(argv: list[str], subject: Subject) -> str:
     """`helm template ...` as run in the root of the repository."""
     root = str(subject.source.path) + "/"
     return shlex.join([a.replace(root, "") for a in helm_template_argv("helm", argv)])
 
 
-async def render(config: PipelineConfig, component: ComponentSpec, subject: Subject, helm: str) -> str | None:
+async def render(component: ComponentSpec, subject: Subject) -> str | None:
     """helm's error when the chart does not render with the release's values, `set` and placeholder secrets."""
-    release = component.release
-    # never the set_secret values (Prefect Secret blocks): a placeholder of each, in a file as a run passes them
-    placeholders = {key: SecretStr(PLACEHOLDER_SECRET) for key in release.set_secret}
-    with secret_values_file(placeholders) as secret_file:
-        try:
-            await Helm(release, helm, None).template(template_argv(config, component, subject, helm, secret_file))
-        except DeployFailed as exc:
-            return str(exc)
+    try:
+        await subject.manifest(component)
+    except DeployFailed as exc:
+        return str(exc)
     return None
 
 
@@ -130,16 +115,16 @@ async def charts(config: PipelineConfig, subject: Subject) -> Finding:
     releases = [(i, c) for i, c in enumerate(config.components) if c.release]
     if not releases:
         return passed(check, "no component has a release")
-    helm, broken = helm_binary(), []
+    broken = []
     for i, component in releases:
-        if error := await render(config, component, subject, helm):
+        if error := await render(component, subject):
             first = next((line for line in error.splitlines() if line.strip()), error)
             broken.append((i, component, first))
     if broken:
         said = "; ".join(f"components[{i}].release ({c.release.name}, chart {c.release.chart}) does not render: "
                          f"{error}" for i, c, error in broken)
         fixes = [f"make components[{i}].release render (its chart, values and set); see the error with:\n"
-                 f"{shown_command(template_argv(config, c, subject, 'helm', None), subject)}"
+                 f"{shown_command(subject.upgrade_argv(c, 'helm', None), subject)}"
                  for i, c, _ in broken]
         return failed(check, said, "\n".join(fixes))
     return passed(check, f"{len(releases)} chart(s) render with `helm template`: "

@@ -48,13 +48,18 @@ async def server(api_url: str) -> Finding:
     return passed("prefect.server", f"the Prefect API at {api_url} answers (server {version})")
 
 
+async def _found(read):
+    """What a Prefect read answers; None when the server has no such object."""
+    try:
+        return await read
+    except ObjectNotFound:
+        return None
+
+
 async def concurrency_limit() -> Finding:
     check = "prefect.concurrency-limit"
     async with get_client() as prefect:
-        try:
-            limit = await prefect.read_global_concurrency_limit_by_name(BUILDKIT_LIMIT)
-        except ObjectNotFound:
-            limit = None
+        limit = await _found(prefect.read_global_concurrency_limit_by_name(BUILDKIT_LIMIT))
     if limit is None:
         # flows/pipeline.py creates it at the start of a run (ensure_limit), so a missing one costs nothing yet;
         # until then, nothing bounds how many build Jobs several runs start at once.
@@ -86,10 +91,7 @@ async def create_work_pool(name: str) -> None:
 async def work_pool(name: str) -> Finding:
     check = "prefect.work-pool"
     async with get_client() as prefect:
-        try:
-            pool = await prefect.read_work_pool(name)
-        except ObjectNotFound:
-            pool = None
+        pool = await _found(prefect.read_work_pool(name))
     if pool is None:
         # `buildkit-pipeline run` needs no pool; a deployment's runs stay Scheduled until one exists with a worker.
         return warned(check, f"no work pool {name!r}: `run` works, but runs of the deployments in prefect.yaml "
